@@ -1,0 +1,117 @@
+"""`load(path_or_repo, adapter_path=None) -> (model, tokenizer)` through mlx-lm's loader.
+
+mlx-lm reads the weights, applies quantization and LoRA adapters and wraps the tokenizer; we only
+swap in our Qwen3 class (same parameter names, plus `forward_internals`) and turn the failures a
+user can cause (a missing folder, an unknown Hub id, another architecture, a broken adapter folder)
+into errors that say what was wrong.
+"""
+
+import json
+import re
+from pathlib import Path
+
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_adapters, load_config, load_tokenizer
+from mlx_lm.utils import load_model as mlx_lm_load_model
+
+from .models import qwen3
+
+SUPPORTED_MODEL_TYPES = {"qwen3": qwen3}
+BUILTIN_PREFIX = "builtin:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class ModelLoadError(ValueError):
+    """A model, Hub id or adapter folder that cannot be loaded; the message says why."""
+
+
+def get_model_classes(config: dict):
+    """mlx-lm's `get_model_classes` hook: our Qwen3, or a clear error for anything else."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model_type {model_type!r} is not supported: mlx-oisd supports "
+            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))} (dense Qwen3 checkpoints such as "
+            "Qwen/Qwen3-0.6B, in Hugging Face or mlx-lm format)"
+        )
+    module = SUPPORTED_MODEL_TYPES[model_type]
+    return module.Model, module.ModelArgs
+
+
+def resolve_model_path(path_or_repo: str | Path) -> Path:
+    """A local model folder, a `builtin:` model (built and cached on first use) or a Hub id
+    (downloaded into the Hugging Face cache). Raises ModelLoadError naming what is missing."""
+    spec = str(path_or_repo)
+    if spec.startswith(BUILTIN_PREFIX):
+        from .tiny import builtin_model_path
+
+        return builtin_model_path(spec[len(BUILTIN_PREFIX):])
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path}: no config.json; expected a Hugging Face or mlx-lm model folder "
+                "(config.json, model*.safetensors, tokenizer files)"
+            )
+        return path
+    if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(
+            f"model folder {spec!r} does not exist (and it is not a Hugging Face Hub id "
+            "of the form 'owner/name')"
+        )
+    return _download(spec)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise ModelLoadError(
+            f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); check the id and the network, "
+            "or pass a local model folder"
+        ) from e
+
+
+def _check_adapter_folder(adapter_path: str | Path) -> Path:
+    path = Path(adapter_path).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"adapter folder {str(path)!r} does not exist")
+    missing = [f for f in ("adapter_config.json", "adapters.safetensors") if not (path / f).is_file()]
+    if missing:
+        raise ModelLoadError(
+            f"{path}: missing {', '.join(missing)}; expected an mlx-lm adapter folder "
+            "(adapter_config.json + adapters.safetensors) as written by `oisd-mlx train`"
+        )
+    return path
+
+
+def load_model(path_or_repo: str | Path, adapter_path: str | Path | None = None, lazy=False):
+    """The model alone (see `load`), and the folder it came from."""
+    model_path = resolve_model_path(path_or_repo)
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{model_path / 'config.json'}: not valid JSON ({e})") from e
+    get_model_classes(config)  # fail on the architecture before reading any weight
+    if not list(model_path.glob("model*.safetensors")):
+        raise ModelLoadError(f"{model_path}: no model*.safetensors weight files")
+    model, config = mlx_lm_load_model(model_path, lazy=lazy, get_model_classes=get_model_classes)
+    if adapter_path is not None:
+        model = load_adapters(model, str(_check_adapter_folder(adapter_path)))
+        model.eval()
+    return model, model_path
+
+
+def load(path_or_repo: str | Path, adapter_path: str | Path | None = None, lazy: bool = False):
+    """Load a Qwen3 model and its tokenizer.
+
+    path_or_repo: a local Hugging Face / mlx-lm (converted or quantized) folder, a Hub id such as
+    "Qwen/Qwen3-0.6B", or a built-in spec "builtin:tiny". adapter_path: an mlx-lm LoRA adapter
+    folder applied on top. Returns (model, tokenizer), the tokenizer being mlx-lm's wrapper.
+    """
+    model, model_path = load_model(path_or_repo, adapter_path, lazy)
+    eos = load_config(model_path).get("eos_token_id")  # generation_config.json's, as mlx-lm
+    return model, load_tokenizer(model_path, eos_token_ids=eos)

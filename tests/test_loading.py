@@ -1,0 +1,157 @@
+"""loading.py: folders, quantized folders, adapters, and the errors a user can cause."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlx_oisd import load
+from mlx_oisd.loading import ModelLoadError, load_model
+from mlx_oisd.models.qwen3 import Model
+
+
+def _ids(model, shape=(2, 7), seed=0):
+    return mx.random.randint(0, model.args.vocab_size, shape, key=mx.random.key(seed))
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_load_returns_our_model_and_a_chat_tokenizer(tiny_dir):
+    model, tok = load(tiny_dir)
+    assert isinstance(model, Model)
+    assert tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    text = "Compute 12+35, then \\boxed{47}."
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_untied_head_and_gqa_variants_load(make_tiny):
+    for fields in ({"tie_word_embeddings": False}, {"num_heads": 4, "num_kv_heads": 1}):
+        model, _ = load(make_tiny(**fields))
+        assert ("lm_head" in model) == (not fields.get("tie_word_embeddings", True))
+        assert model(_ids(model)).shape == (2, 7, model.args.vocab_size)
+
+
+def test_unknown_model_type(tiny_dir, tmp_path):
+    folder = _copy(tiny_dir, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"model_type 'llama' is not supported.*qwen3"):
+        load(folder)
+
+
+def test_missing_folder_and_bad_folders(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load("./relative/nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load(tmp_path / "empty")
+
+
+def test_missing_weights(tiny_dir, tmp_path):
+    folder = _copy(tiny_dir, tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="no model.*safetensors"):
+        load(folder)
+
+
+def test_unreachable_hub_id_is_a_clear_error():
+    # HF_HUB_OFFLINE=1 (conftest): the Hub cannot be asked, and the error says what to do
+    with pytest.raises(ModelLoadError, match=r"could not get 'nobody/no-such-model'.*local model folder"):
+        load("nobody/no-such-model")
+
+
+def test_unknown_builtin():
+    with pytest.raises(ValueError, match="expected one of builtin:tiny"):
+        load("builtin:huge")
+
+
+def test_builtin_tiny_is_built_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_OISD_CACHE", str(tmp_path))
+    model, _ = load("builtin:tiny")
+    weights = tmp_path / "models" / "tiny" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again, _ = load("builtin:tiny")
+    assert weights.stat().st_mtime_ns == stamp
+    ids = _ids(model)
+    np.testing.assert_array_equal(model(ids), again(ids))
+
+
+def _save_lora_adapter(model, folder, lora_parameters, num_layers):
+    """An adapter folder as mlx-lm's `lora` command writes it, with non-zero B matrices."""
+    linear_to_lora_layers(model, num_layers, lora_parameters)
+    lora_b = [(n, p) for n, p in tree_flatten(model.trainable_parameters()) if n.endswith("lora_b")]
+    keys = mx.random.split(mx.random.key(0), len(lora_b))
+    model.load_weights(
+        [(n, 0.05 * mx.random.normal(p.shape, key=k)) for k, (n, p) in zip(keys, lora_b)],
+        strict=False,
+    )
+    folder.mkdir()
+    adapters = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(folder / "adapters.safetensors"), adapters)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": lora_parameters}
+    ))
+
+
+def test_lora_adapter_folder(tiny_dir, tmp_path):
+    model, _ = load(tiny_dir)
+    model.freeze()
+    ids = _ids(model)
+    base = model(ids)
+    params = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "mlp.down_proj"]}
+    _save_lora_adapter(model, tmp_path / "ad", params, num_layers=2)
+    expected = model(ids)
+    assert float(mx.abs(expected - base).max()) > 1e-3  # the adapter changes the model
+    loaded, _ = load(tiny_dir, adapter_path=tmp_path / "ad")
+    np.testing.assert_allclose(loaded(ids), expected, atol=1e-5)
+    # forward_internals runs through the LoRA layers too
+    np.testing.assert_allclose(loaded.forward_internals(ids, attention_layers=[4]).logits,
+                               expected, atol=1e-5)
+
+
+def test_bad_adapter_folders(tiny_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="adapter folder .* does not exist"):
+        load(tiny_dir, adapter_path=tmp_path / "none")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="missing adapters.safetensors"):
+        load(tiny_dir, adapter_path=tmp_path / "half")
+
+
+def test_quantized_mlx_lm_folder(tiny_dir, tmp_path):
+    """A folder written by mlx-lm's convert (8-bit) loads as our class, quantized, and stays
+    close to the float model."""
+    from mlx_lm import convert
+
+    out = tmp_path / "q8"
+    convert(str(tiny_dir), mlx_path=str(out), quantize=True, q_bits=8, q_group_size=32)
+    qmodel, _ = load(out)
+    assert isinstance(qmodel, Model)
+    assert isinstance(qmodel.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    model, _ = load(tiny_dir)
+    ids = _ids(model)
+    out_q = qmodel.forward_internals(ids, hidden_layers=[2], attention_layers=[2])
+    ref = model.forward_internals(ids, hidden_layers=[2], attention_layers=[2])
+    assert float(mx.abs(out_q.attention[2] - ref.attention[2]).max()) < 0.02
+    # 8-bit weights move the logits by a small fraction of their spread
+    spread = float(ref.logits.std())
+    assert float(mx.abs(out_q.logits - ref.logits).mean()) < 0.02 * spread
+
+
+def test_load_model_skips_the_tokenizer(tiny_dir, tmp_path):
+    folder = _copy(tiny_dir, tmp_path / "m")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / f).unlink()
+    model, path = load_model(folder)
+    assert path == folder and isinstance(model, Model)
