@@ -7,6 +7,14 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+src"
 
-from .loading import load  # noqa: E402
-
 __all__ = ["load", "__version__"]
+
+
+def __getattr__(name):
+    # `load` pulls in MLX and mlx-lm; importing it lazily keeps light entry points (the math
+    # checker's worker process, `oisd-mlx --help`) from paying for them.
+    if name == "load":
+        from .loading import load
+
+        return load
+    raise AttributeError(f"module 'mlx_oisd' has no attribute {name!r}")

@@ -7,7 +7,6 @@ tokenizer built with `tokenizers` and a chat template that renders like Qwen3's,
 (`mlx_oisd.load`, `mlx_lm.load`, transformers) reads it.
 """
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -1,0 +1,382 @@
+"""The GRPO + OISD objective as pure functions over ``mx.array`` (DESIGN.md section 1).
+
+Shapes: B = sequences (B*G rows of a step), T = response positions, D = hidden size,
+V = vocabulary, H = query heads, Tq/Tk = attention query/key positions. ``mask [B, T]`` is 1.0 on
+response tokens and 0.0 on padding.
+
+    L = agg(L_pg + beta*k3) + lambda_logit * agg(w_i * JS_logit) + lambda_attn * agg(w_i * JS_attn)
+
+- ``policy_loss``:       L_pg = -min(ratio*A, clip(ratio, 1-eps, 1+eps_high)*A),
+                         ratio = e^(l - l_old),  k3 = e^(l_ref - l) - (l_ref - l) - 1
+- ``aggregate``:         ``loss_agg`` token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+- ``lens_js_loss``:      JS(softmax(W_U N_L(h^l)/tau) || stop_gradient(softmax(W_U N_L(h^L)/tau)))
+- ``attention_js_loss``: mean over heads of JS(a^l_{h,t,:} || stop_gradient(a^L_{h,t,:}))
+- ``weighted_alignment``: w_i * JS with w_i = A_i, sign(A_i) or 1
+- ``token_logprobs``:    log softmax(readout(h)/T_s) at the sampled tokens
+
+Loss functions return ``(per_token, stats)``; ``stats`` holds unnormalised sums over masked
+tokens (token counts, clip counts, sums of ratio/k3/JS) that the trainer adds across
+micro-batches and divides at the metrics boundary. Nothing here calls ``.item()``.
+
+Teachers are detached with ``mx.stop_gradient`` where they are formed, never by relying on a
+kernel's VJP (STYLE.md habit 2). Divergences are computed in float32.
+
+The vocabulary readout is chunked: ``(B*T, V)`` float32 logits for the whole batch never exist.
+Each chunk of rows runs under ``mx.checkpoint``, so the backward pass recomputes the chunk's
+logits instead of keeping them. ``mx.checkpoint`` differentiates only the arguments of the
+function it wraps (arrays the readout closes over get a zero gradient, silently), so the readout
+takes its trainable arrays explicitly: ``readout(params, h) -> logits``. For a module:
+
+    head = Readout(model.model.norm, model.lm_head)         # any nn.Module h -> logits
+    def readout(params, h):
+        head.update(params)                                 # as mlx.nn.utils.checkpoint does
+        return head(h)
+    params = head.trainable_parameters()                    # {} when the head is frozen (LoRA)
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+
+AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+WEIGHTINGS = ("advantage", "sign", "none")
+Readout = Callable[[Any, mx.array], mx.array]
+
+
+def policy_loss(
+    logp: mx.array,
+    old_logp: mx.array,
+    adv: mx.array,
+    mask: mx.array,
+    epsilon: float,
+    epsilon_high: float,
+    ref_logp: mx.array | None = None,
+    beta: float = 0.0,
+) -> tuple[mx.array, dict[str, mx.array]]:
+    """Clipped GRPO surrogate plus the k3 KL to the reference, per response token.
+
+        ratio = exp(logp - stop_gradient(old_logp))
+        L_pg  = -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A)
+        k3    = exp(ref - logp) - (ref - logp) - 1,  ref = stop_gradient(ref_logp)
+        loss  = (L_pg + beta * k3) * mask
+
+    Args:
+        logp: [B, T] log pi_theta of the sampled tokens (differentiated).
+        old_logp: [B, T] log-probs of the policy that sampled (detached here).
+        adv: [B] advantage per sequence.
+        mask: [B, T] 1.0 on response tokens. Masked positions may hold any finite garbage
+            (-1e9 log-probs): the difference is zeroed inside the exp.
+        epsilon, epsilon_high: clip range [1 - epsilon, 1 + epsilon_high].
+        ref_logp: [B, T] reference log-probs (detached here), needed when beta > 0.
+        beta: weight of k3.
+    Returns:
+        loss [B, T], zero where mask is 0; stats with sums over masked tokens:
+        ``tokens``, ``ratio_sum``, ``clip_low`` (ratio < 1 - epsilon and A < 0),
+        ``clip_high`` (ratio > 1 + epsilon_high and A > 0), ``k3_sum`` (0 without ref_logp).
+    """
+    assert ref_logp is not None or beta == 0.0, "beta > 0 needs ref_logp"
+    valid = mask > 0
+    logp = logp.astype(mx.float32)
+    # Masking inside the exp: padding garbage (e.g. -1e9) would make exp overflow and inf * 0 = NaN.
+    log_ratio = mx.where(valid, logp - mx.stop_gradient(old_logp).astype(mx.float32), 0.0)
+    ratio = mx.exp(log_ratio)  # [B, T]
+    A = adv.astype(mx.float32)[:, None]  # [B, 1]
+    clipped = mx.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
+    per_token = -mx.minimum(ratio * A, clipped * A)  # [B, T]
+    if ref_logp is not None:
+        ref_diff = mx.where(valid, mx.stop_gradient(ref_logp).astype(mx.float32) - logp, 0.0)
+        k3 = mx.exp(ref_diff) - ref_diff - 1.0  # [B, T], 0 at padding
+        per_token = per_token + beta * k3
+    else:
+        k3 = mx.zeros_like(ratio)
+    fmask = valid.astype(mx.float32)
+    per_token = per_token * fmask
+    ratio = mx.stop_gradient(ratio)
+    stats = {
+        "tokens": fmask.sum(),
+        "ratio_sum": (ratio * fmask).sum(),
+        "clip_low": ((ratio < 1.0 - epsilon) & (A < 0) & valid).sum(),
+        "clip_high": ((ratio > 1.0 + epsilon_high) & (A > 0) & valid).sum(),
+        "k3_sum": mx.stop_gradient(k3 * fmask).sum(),
+    }
+    return per_token, stats
+
+
+def aggregate(
+    per_token: mx.array,
+    mask: mx.array,
+    mode: str = "token_mean",
+    num_tokens: mx.array | float | None = None,
+    num_sequences: mx.array | float | None = None,
+    max_len: int | None = None,
+) -> mx.array:
+    """Reduce a per-token loss [B, T] to a scalar (``loss_agg``).
+
+        token_mean:              sum_{b,t} L / N_tokens
+        seq_mean_token_mean:     sum_b (sum_t L_b / n_b) / N_seq       (original GRPO)
+        seq_mean_token_sum_norm: sum_b (sum_t L_b / max_len) / N_seq   (Dr. GRPO)
+
+    Args:
+        per_token: [B, T] loss; positions where mask is 0 are ignored.
+        mask: [B, T] 1.0 on response tokens.
+        mode: one of ``AGG_MODES``.
+        num_tokens: N_tokens, the response-token count of the whole batch; defaults to
+            mask.sum(). Pass the full batch's count so micro-batch results add up to it.
+        num_sequences: N_seq, the full batch's sequence count; defaults to B.
+        max_len: max_completion_length, required by seq_mean_token_sum_norm.
+    Returns:
+        scalar loss.
+    """
+    valid = mask > 0
+    masked = mx.where(valid, per_token, 0.0)  # [B, T]
+    if mode == "token_mean":
+        count = valid.sum() if num_tokens is None else num_tokens
+        return masked.sum() / mx.maximum(count, 1)
+    n_seq = per_token.shape[0] if num_sequences is None else num_sequences
+    if mode == "seq_mean_token_mean":
+        per_seq = masked.sum(axis=1) / mx.maximum(valid.sum(axis=1), 1)  # [B]
+    elif mode == "seq_mean_token_sum_norm":
+        if max_len is None:
+            raise ValueError(
+                "loss_agg seq_mean_token_sum_norm needs max_len (max_completion_length)"
+            )
+        per_seq = masked.sum(axis=1) / max_len  # [B]
+    else:
+        raise ValueError(f"loss_agg {mode!r}: expected one of {AGG_MODES}")
+    return per_seq.sum() / n_seq
+
+
+def js_divergence(p_logits: mx.array, q_logits: mx.array, tau: float = 1.0) -> mx.array:
+    """Jensen-Shannon divergence between softmax(p/tau) (student) and softmax(q/tau) (teacher).
+
+        JS = 1/2 KL(p || m) + 1/2 KL(q || m),  m = (p + q) / 2,  0 <= JS <= ln 2
+
+    Computed in float32 from log-softmax, with log m = logaddexp(log p, log q) - ln 2, so no
+    probability is divided or logged. q is the teacher: detached here.
+
+    Args:
+        p_logits: [..., V] student logits (differentiated), finite.
+        q_logits: [..., V] teacher logits (no gradient flows to them), finite.
+        tau: temperature applied to both.
+    Returns:
+        [...] JS per row.
+    """
+    log_p = _log_softmax(p_logits.astype(mx.float32) / tau)  # [..., V]
+    log_q = _log_softmax(mx.stop_gradient(q_logits).astype(mx.float32) / tau)  # [..., V]
+    log_m = mx.logaddexp(log_p, log_q) - math.log(2.0)
+    kl_pm = (mx.exp(log_p) * (log_p - log_m)).sum(axis=-1)
+    kl_qm = (mx.exp(log_q) * (log_q - log_m)).sum(axis=-1)
+    return 0.5 * (kl_pm + kl_qm)
+
+
+def token_logprobs(
+    h: mx.array,
+    targets: mx.array,
+    readout: Readout,
+    params: Any,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> mx.array:
+    """log softmax(readout(params, h) / temperature) at the target tokens, in float32.
+
+    Used for the policy log-probs (h = final residual stream, readout = W_U N_L) and for
+    BuPO's internal policy (h = layer-l residual stream). Rows are read out ``chunk_size`` at
+    a time under ``mx.checkpoint`` (see the module docstring).
+
+    Args:
+        h: [B, T, D] hidden states at the positions that predict the targets.
+        targets: [B, T] int token ids (padding ids are fine; mask the result downstream).
+        readout: ``readout(params, h [n, D]) -> logits [n, V]``.
+        params: pytree of the arrays ``readout`` reads that need gradients ({} for none).
+        temperature: sampling temperature T_s.
+        chunk_size: rows of B*T per chunk.
+    Returns:
+        logp [B, T], not masked.
+    """
+    B, T, D = h.shape
+
+    def chunk_logprobs(params, h_rows, target_rows):
+        logits = readout(params, h_rows).astype(mx.float32) / temperature  # [n, V]
+        # Indices are not differentiable; mx.checkpoint's VJP covers every argument.
+        idx = mx.stop_gradient(target_rows)[:, None]  # [n, 1]
+        picked = mx.take_along_axis(logits, idx, axis=-1)[:, 0]  # [n]
+        return picked - mx.logsumexp(logits, axis=-1)
+
+    rows = _map_row_chunks(
+        chunk_logprobs, params, (h.reshape(B * T, D), targets.reshape(B * T)), chunk_size
+    )  # [B*T]
+    return rows.reshape(B, T)
+
+
+def token_logprobs_entropy(
+    h: mx.array,
+    targets: mx.array,
+    readout: Readout,
+    params: Any,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> tuple[mx.array, mx.array]:
+    """``token_logprobs`` plus the entropy of each position's distribution, for the no-gradient
+    passes (old / reference log-probs) where the entropy metric comes for free.
+
+    Args: as ``token_logprobs``. Returns: logp [B, T] and entropy [B, T] in nats, not masked.
+    """
+    B, T, D = h.shape
+
+    def chunk_stats(params, h_rows, target_rows):
+        logits = readout(params, h_rows).astype(mx.float32) / temperature  # [n, V]
+        logq = _log_softmax(logits)
+        picked = mx.take_along_axis(logq, target_rows[:, None], axis=-1)[:, 0]  # [n]
+        entropy = -(mx.exp(logq) * logq).sum(axis=-1)  # [n]
+        return mx.stack([picked, entropy], axis=-1)  # [n, 2]
+
+    rows = _map_row_chunks(
+        chunk_stats, params, (h.reshape(B * T, D), targets.reshape(B * T)), chunk_size
+    )  # [B*T, 2]
+    return rows[:, 0].reshape(B, T), rows[:, 1].reshape(B, T)
+
+
+def lens_js_loss(
+    student_h: mx.array,
+    teacher_h: mx.array,
+    readout: Readout,
+    params: Any,
+    mask: mx.array,
+    tau: float = 1.0,
+    chunk_size: int = 512,
+) -> tuple[mx.array, dict[str, mx.array]]:
+    """OISD logit alignment: logit-lens JS between layer l and the final layer, per token.
+
+        JS_t = JS(softmax(readout(h^l_t)/tau) || stop_gradient(softmax(readout(h^L_t)/tau)))
+
+    ``readout`` is W_U N_L (or W_U alone for ``lens_norm: false``), shared by student and
+    teacher, built by the caller. The teacher logits are detached where they are formed, so
+    neither ``teacher_h`` nor the readout's parameters get gradient through the teacher. Rows
+    are processed ``chunk_size`` at a time under ``mx.checkpoint``.
+
+    Args:
+        student_h: [B, T, D] residual stream after block l at the response positions.
+        teacher_h: [B, T, D] residual stream after block L (pre-norm) at the same positions.
+        readout: ``readout(params, h [n, D]) -> logits [n, V]``.
+        params: pytree of the arrays ``readout`` reads that need gradients ({} for none).
+        mask: [B, T] 1.0 on response tokens.
+        tau: distillation temperature.
+        chunk_size: rows of B*T per chunk.
+    Returns:
+        JS [B, T], zero where mask is 0; stats ``tokens``, ``js_sum`` (sum over masked tokens).
+    """
+    B, T, D = student_h.shape
+
+    def chunk_js(params, student_rows, teacher_rows):
+        q_logits = mx.stop_gradient(readout(params, teacher_rows))  # [n, V]
+        return js_divergence(readout(params, student_rows), q_logits, tau)  # [n]
+
+    rows = _map_row_chunks(
+        chunk_js, params, (student_h.reshape(B * T, D), teacher_h.reshape(B * T, D)), chunk_size
+    )  # [B*T]
+    fmask = (mask > 0).astype(mx.float32)
+    js = rows.reshape(B, T) * fmask
+    return js, {"tokens": fmask.sum(), "js_sum": mx.stop_gradient(js).sum()}
+
+
+def attention_js_loss(
+    student_attn: mx.array,
+    teacher_attn: mx.array,
+    key_mask: mx.array | None = None,
+    mask: mx.array | None = None,
+) -> tuple[mx.array, dict[str, mx.array]]:
+    """OISD attention alignment: JS between attention rows of block l and block L, head mean.
+
+        JS_{h,t} = 1/2 KL(a^l || m) + 1/2 KL(a^L || m),  m = (a^l + a^L)/2,  a^L detached
+        loss_t   = mean_h JS_{h,t}
+
+    Rows are probabilities, not logits, and causal rows hold exact zeros: 0 log 0 is taken as 0
+    (logs of zero entries are replaced by 0 before the product, so neither value nor gradient
+    sees log 0). Float32.
+
+    Args:
+        student_attn: [B, H, Tq, Tk] attention probabilities of block l (query heads).
+        teacher_attn: [B, H, Tq, Tk] attention probabilities of block L (no gradient).
+        key_mask: [B, Tq, Tk] (or broadcastable) 1/True on keys the query may attend to. When
+            given, excluded keys are zeroed in both rows and each row is renormalised.
+        mask: [B, Tq] 1.0 on response queries; None counts every query.
+    Returns:
+        JS [B, Tq] (zero where mask is 0); stats ``tokens``, ``js_sum``.
+    """
+    p = student_attn.astype(mx.float32)
+    q = mx.stop_gradient(teacher_attn).astype(mx.float32)
+    if key_mask is not None:
+        keep = (key_mask > 0)[:, None]  # [B, 1, Tq, Tk]
+        p = mx.where(keep, p, 0.0)
+        q = mx.where(keep, q, 0.0)
+        p = p / mx.maximum(p.sum(axis=-1, keepdims=True), 1e-30)
+        q = q / mx.maximum(q.sum(axis=-1, keepdims=True), 1e-30)
+    m = 0.5 * (p + q)
+    log_m = _log_or_zero(m)
+    kl_pm = (p * (_log_or_zero(p) - log_m)).sum(axis=-1)  # [B, H, Tq]
+    kl_qm = (q * (_log_or_zero(q) - log_m)).sum(axis=-1)
+    js = (0.5 * (kl_pm + kl_qm)).mean(axis=1)  # [B, Tq]
+    if mask is None:
+        fmask = mx.ones(js.shape, dtype=mx.float32)
+    else:
+        fmask = (mask > 0).astype(mx.float32)
+    js = js * fmask
+    return js, {"tokens": fmask.sum(), "js_sum": mx.stop_gradient(js).sum()}
+
+
+def weighted_alignment(per_token_js: mx.array, adv: mx.array, mode: str = "advantage") -> mx.array:
+    """Per-token alignment loss w_i * JS_t (``oisd.weighting``).
+
+        w_i = A_i (advantage) | sign(A_i) (sign) | 1 (none)
+
+    A positive advantage pulls the layer toward the teacher, a negative one pushes it away;
+    JS <= ln 2 bounds the push.
+
+    Args:
+        per_token_js: [B, T] JS per token (already masked).
+        adv: [B] advantage per sequence (treated as data: no gradient).
+        mode: one of ``WEIGHTINGS``.
+    Returns:
+        [B, T] weighted JS.
+    """
+    A = mx.stop_gradient(adv).astype(mx.float32)
+    if mode == "advantage":
+        w = A
+    elif mode == "sign":
+        w = mx.sign(A)
+    elif mode == "none":
+        return per_token_js
+    else:
+        raise ValueError(f"oisd.weighting {mode!r}: expected one of {WEIGHTINGS}")
+    return w[:, None] * per_token_js
+
+
+def _map_row_chunks(
+    fn: Callable[..., mx.array], params: Any, rows: tuple[mx.array, ...], chunk_size: int
+) -> mx.array:
+    """Concatenate fn(params, *chunks) -> [n] over consecutive chunks of ``chunk_size`` rows.
+
+    Each call runs under ``mx.checkpoint`` so the backward pass recomputes the chunk's (n, V)
+    logits instead of keeping every chunk's alive until the gradient is taken.
+    """
+    assert chunk_size > 0
+    checkpointed = mx.checkpoint(fn)
+    n = rows[0].shape[0]
+    outs = [
+        checkpointed(params, *(r[start : start + chunk_size] for r in rows))
+        for start in range(0, n, chunk_size)
+    ]
+    return mx.concatenate(outs, axis=0)
+
+
+def _log_softmax(x: mx.array) -> mx.array:
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def _log_or_zero(x: mx.array) -> mx.array:
+    """log x where x > 0, else 0: with the factor x in front this gives 0 log 0 = 0 and keeps
+    the gradient finite (log never sees a zero, so no inf * 0 in the backward pass)."""
+    positive = x > 0
+    return mx.where(positive, mx.log(mx.where(positive, x, 1.0)), 0.0)

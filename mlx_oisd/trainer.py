@@ -1,0 +1,258 @@
+"""The on-policy loop of DESIGN.md section 1: sample -> reward -> advantage -> update.
+
+Each step: B prompts, G completions each from the final layer (`rollout.sample`), rewards
+(`rewards.score_batch`), group advantages (`advantages`), old (and reference) log-probs from a
+forward pass of the current model, then `num_iterations` optimizer updates over micro-batches of
+the objective (`objective.objective`: GRPO surrogate + OISD alignment terms), one
+`nn.value_and_grad` over their sum. Gradients of micro-batches add up to the full-batch gradient.
+
+Departures from the paper's setup: none in the objective. The RNG is re-seeded from (seed, step),
+so a resumed run samples what an uninterrupted one would have.
+"""
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from .advantages import group_advantages, keep_rows, zero_std_groups
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, save_config, to_dict
+from .data.prompts import render_prompt
+from .data.sampler import PromptSampler
+from .data.sources import load_examples
+from .loading import load
+from .lora import adapters_disabled, apply_lora, lora_parameters
+from .metrics import MetricsWriter
+from .objective import LossSpec, objective, policy_logprobs
+from .rewards import MathChecker, resolve_reward, score_batch
+from .rollout import Batch, pack, sample
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    model: nn.Module
+    tokenizer: object
+    optimizer: optim.Optimizer
+    examples: list
+    sampler: PromptSampler
+    checker: MathChecker
+    spec: LossSpec
+    out_dir: Path
+    start_step: int = 0
+
+
+def loss_spec(cfg: TrainConfig) -> LossSpec:
+    o = cfg.oisd
+    return LossSpec(
+        algorithm=cfg.algorithm, student_layers=tuple(o.student_layers),
+        lambda_logit=o.lambda_logit, lambda_attn=o.lambda_attn, tau=o.tau,
+        weighting=o.weighting, lens_norm=o.lens_norm, epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_agg=cfg.loss_agg,
+        max_len=cfg.max_completion_length, temperature=cfg.temperature,
+        chunk_size=cfg.loss_chunk_size,
+    )
+
+
+def lr_schedule(cfg: TrainConfig):
+    """Linear warmup from 0, then cosine / linear decay to 0 or constant, over optimizer updates."""
+    total = cfg.max_steps * cfg.num_iterations
+    warm = cfg.warmup_steps * cfg.num_iterations
+    decay = {
+        "cosine": lambda: optim.cosine_decay(cfg.learning_rate, max(total - warm, 1)),
+        "linear": lambda: optim.linear_schedule(cfg.learning_rate, 0.0, max(total - warm, 1)),
+        "constant": lambda: (lambda _: mx.array(cfg.learning_rate)),
+    }[cfg.lr_scheduler_type]()
+    if warm == 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(0.0, cfg.learning_rate, warm), decay], [warm])
+
+
+def setup(cfg: TrainConfig, resume: bool = False) -> Run:
+    out_dir = Path(cfg.output_dir)
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None and not resume:
+        raise ConfigError(f"output_dir {out_dir} already holds checkpoints ({ckpt.name}); pass "
+                          "--resume to continue that run, or choose another output_dir")
+    for i, r in enumerate(cfg.rewards):  # fail before loading anything heavy
+        try:
+            resolve_reward(r.name)
+        except ValueError as e:
+            raise ConfigError(f"rewards[{i}].name: {e}") from None
+    model, tokenizer = load(cfg.model)
+    L = model.args.num_hidden_layers
+    if cfg.algorithm != "grpo" and any(not 1 <= l < L for l in cfg.oisd.student_layers):
+        raise ConfigError(f"oisd.student_layers {cfg.oisd.student_layers}: student blocks must be "
+                          f"in 1..{L - 1} for this {L}-block model (block {L} is the teacher)")
+    if cfg.quantize is not None:
+        nn.quantize(model, group_size=cfg.quantize.group_size, bits=cfg.quantize.bits)
+    if cfg.lora is not None:
+        mx.random.seed(cfg.seed)  # LoRA A matrices are random: same seed, same run
+        lora = cfg.lora
+        apply_lora(model, lora.num_layers, lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys))
+    d = cfg.dataset
+    examples = load_examples(d.source, d.split, d.config, d.prompt_field, d.answer_field, d.max_samples)
+    run = Run(
+        cfg=cfg, model=model, tokenizer=tokenizer,
+        optimizer=optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay),
+        examples=examples, sampler=PromptSampler(len(examples), cfg.batch_size, cfg.seed),
+        checker=MathChecker(), spec=loss_spec(cfg), out_dir=out_dir,
+    )
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, run.optimizer)
+        run.sampler.load_state_dict(state["sampler"])
+        run.start_step = state["step"]
+    save_config(cfg, out_dir / "config.yaml")
+    return run
+
+
+def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> Run:
+    """Run (or continue) training; returns the finished Run."""
+    run = setup(cfg, resume)
+    writer = MetricsWriter(run.out_dir / "metrics.jsonl", cfg.max_steps, run.start_step, show_progress)
+    try:
+        for step in range(run.start_step + 1, cfg.max_steps + 1):
+            writer.write(train_step(run, step))
+            if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
+                save(run, step)
+    finally:
+        writer.close()
+        run.checker.close()
+    return run
+
+
+def save(run: Run, step: int) -> Path:
+    lora = run.cfg.lora
+    params = None if lora is None else lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys)
+    import yaml
+
+    return save_checkpoint(run.out_dir, step, run.model, run.optimizer,
+                           {"sampler": run.sampler.state_dict()},
+                           yaml.safe_dump(to_dict(run.cfg), sort_keys=False),
+                           -1 if lora is None else lora.num_layers, params)
+
+
+def train_step(run: Run, step: int) -> dict:
+    cfg, model, tok = run.cfg, run.model, run.tokenizer
+    G = cfg.num_generations
+    t0 = time.perf_counter()
+    mx.reset_peak_memory()
+    examples = [run.examples[i] for i in run.sampler.next_batch()]
+    prompts = [render_prompt(tok, ex.prompt, cfg.dataset.system_prompt, cfg.enable_thinking)
+               for ex in examples]
+    mx.random.seed(cfg.seed * 1_000_003 + step)
+    model.eval()
+    rollout = sample(model, prompts, G, cfg.max_completion_length, tok.eos_token_ids,
+                     cfg.temperature, cfg.top_p)
+    t_rollout = time.perf_counter() - t0
+
+    texts = [tok.decode(c) for c in rollout.completions]
+    answers = [ex.answer for ex in examples for _ in range(G)]
+    specs = [(r.name, r.weight) for r in cfg.rewards]
+    rewards, per_reward, reward_stats = score_batch(texts, answers, specs, run.checker)
+    adv = group_advantages(rewards, G, cfg.advantage)
+    batch = pack(rollout, tok.pad_token_id if tok.pad_token_id is not None else 0, cfg.mask_truncated)
+    if cfg.filter_zero_std_groups:
+        batch, adv = select_rows(batch, adv, keep_rows(rewards, G))
+
+    t1 = time.perf_counter()
+    spec = replace(run.spec, bupo_active=step <= cfg.bupo.internal_steps)
+    stats = update(model, run.optimizer, batch, mx.array(adv), spec, cfg) if len(adv) else {}
+    t_train = time.perf_counter() - t1
+
+    lengths = np.array([len(c) for c in rollout.completions])
+    train_tokens = float(batch.response_mask.sum().item()) if len(adv) else 0.0
+    return {
+        "step": step,
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        **{f"reward/{k}": float(v.mean()) for k, v in per_reward.items()},
+        **{f"rewards/{k}": v for k, v in reward_stats.items() if isinstance(v, (int, float))},
+        "frac_zero_std_groups": float(zero_std_groups(rewards, G).mean()),
+        "completion_len_mean": float(lengths.mean()),
+        "completion_len_max": int(lengths.max()),
+        "truncated_frac": float(np.mean(rollout.truncated)),
+        **stats,
+        "lr": float(run.optimizer.learning_rate.item()),
+        "rollout_tokens_per_sec": rollout.num_tokens / max(t_rollout, 1e-9),
+        "train_tokens_per_sec": train_tokens * cfg.num_iterations / max(t_train, 1e-9),
+        "tokens_per_sec": rollout.num_tokens / max(time.perf_counter() - t0, 1e-9),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "step_time": time.perf_counter() - t0,
+    }
+
+
+def select_rows(batch: Batch, adv: np.ndarray, keep: np.ndarray):
+    rows = mx.array(np.flatnonzero(keep))
+    return Batch(batch.tokens[rows], batch.mask[rows], batch.response_mask[rows],
+                 batch.prompt_len), adv[keep]
+
+
+def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
+    n = batch.tokens.shape[0]
+    size = size or n
+    return [Batch(batch.tokens[i:i + size], batch.mask[i:i + size],
+                  batch.response_mask[i:i + size], batch.prompt_len) for i in range(0, n, size)]
+
+
+def update(model, optimizer, batch: Batch, adv: mx.array, spec: LossSpec, cfg: TrainConfig) -> dict:
+    """Old/ref log-probs, then `num_iterations` optimizer updates; returns per-token metrics.
+
+    Each micro-batch's gradient is evaluated before the next one starts, so the peak holds one
+    micro-batch's activations, not the whole step's."""
+    size = cfg.minibatch_size
+    micro = micro_batches(batch, size)
+    advs = [adv[i:i + (size or len(adv))] for i in range(0, len(adv), size or len(adv))]
+    old = [policy_logprobs(model, mb, spec) for mb in micro]  # [(logp, entropy)]
+    ref = [None] * len(micro)
+    if cfg.beta > 0:
+        with adapters_disabled(model):
+            ref = [policy_logprobs(model, mb, replace(spec, bupo_active=False))[0] for mb in micro]
+    mx.eval(old, ref)
+    num_tokens = batch.response_mask.sum()
+    num_seqs = batch.tokens.shape[0]
+    loss_and_grad = nn.value_and_grad(model, objective)
+    model.train()
+    totals = {}
+    for _ in range(cfg.num_iterations):
+        grads = None
+        for mb, a, (old_logp, _), ref_logp in zip(micro, advs, old, ref):
+            (loss, stats), g = loss_and_grad(model, mb, a, old_logp, ref_logp, spec, num_tokens, num_seqs)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            stats["loss"] = loss
+            totals = {k: totals.get(k, 0.0) + v for k, v in stats.items()}
+            mx.eval(grads, totals)
+        if cfg.max_grad_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        else:
+            norm = optim.clip_grad_norm(grads, float("inf"))[1]
+        totals["grad_norm"] = totals.get("grad_norm", 0.0) + norm
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, totals)
+    model.eval()
+    entropy = sum((e * mb.response_mask).sum() for mb, (_, e) in zip(micro, old))
+    return summarize(totals, entropy, num_tokens, cfg.num_iterations)
+
+
+def summarize(totals: dict, entropy, num_tokens, iterations: int) -> dict:
+    """Unnormalised sums of the loss stats -> per-token means (Python floats)."""
+    tok = max(float(num_tokens.item()) * iterations, 1.0)
+    out = {
+        "loss": float(totals["loss"].item()) / iterations,
+        "clip_low_frac": float(totals["clip_low"].item()) / tok,
+        "clip_high_frac": float(totals["clip_high"].item()) / tok,
+        "ratio_mean": float(totals["ratio_sum"].item()) / tok,
+        "kl": float(totals["k3_sum"].item()) / tok,
+        "entropy": float(entropy.item()) / (tok / iterations),
+        "grad_norm": float(totals["grad_norm"].item()) / iterations,
+    }
+    for key in ("js_logit", "js_attn"):
+        if f"{key}_sum" in totals:
+            out[key] = float(totals[f"{key}_sum"].item()) / tok
+    return out

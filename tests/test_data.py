@@ -1,0 +1,443 @@
+"""Tests for mlx_oisd.data: sources, the arith task, prompt rendering and the sampler."""
+
+import ast
+import json
+import operator
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_oisd.data import (
+    MATH_INSTRUCTION,
+    DataError,
+    Example,
+    PromptSampler,
+    load_examples,
+    match_split_files,
+    render_prompt,
+)
+
+SHARED_BENCHMARKS = Path(__file__).resolve().parents[2] / "shared/data/benchmarks"
+
+
+def write_jsonl(path: Path, rows: list, blank_after: int | None = None) -> Path:
+    lines = [json.dumps(r) for r in rows]
+    if blank_after is not None:
+        lines.insert(blank_after, "")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- local files
+
+
+ROWS = [
+    {"question": "What is 1 + 1?", "answer": "2", "idx": 0},
+    {"question": "How many?", "answer": 7, "idx": 1},
+    {"question": "Half of 5?", "answer": 2.5, "idx": 2},
+    {"question": "Float that is whole?", "answer": 27.0, "idx": 3},
+]
+EXPECTED = [
+    Example("What is 1 + 1?", "2"),
+    Example("How many?", "7"),
+    Example("Half of 5?", "2.5"),
+    Example("Float that is whole?", "27"),
+]
+
+
+def test_jsonl_round_trip(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", ROWS, blank_after=2)
+    assert load_examples(str(path)) == EXPECTED
+
+
+def test_json_list_round_trip(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(ROWS))
+    assert load_examples(str(path)) == EXPECTED
+
+
+def test_parquet_round_trip(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "data.parquet"
+    table = pa.table(
+        {
+            "question": [r["question"] for r in ROWS[:2]],
+            "answer": ["2", "7"],
+            "extra": [1, 2],
+        }
+    )
+    pq.write_table(table, path)
+    assert load_examples(str(path)) == EXPECTED[:2]
+    pq.write_table(pa.table({"q": ["a?", "b?"], "a": [3, 4]}), path)  # integer column
+    assert load_examples(str(path), prompt_field="q", answer_field="a") == [
+        Example("a?", "3"),
+        Example("b?", "4"),
+    ]
+
+
+def test_custom_fields_and_boxed_solution(tmp_path):
+    rows = [
+        {"problem": "Compute $x$.", "solution": "So $x=\\frac{1}{2}$, i.e. \\boxed{\\frac{1}{2}}."},
+        {"problem": "Two boxes?", "solution": "First \\boxed{3}, then really \\boxed{4}."},
+    ]
+    path = write_jsonl(tmp_path / "math.jsonl", rows)
+    examples = load_examples(str(path), prompt_field="problem", answer_field="solution")
+    assert examples == [Example("Compute $x$.", "\\frac{1}{2}"), Example("Two boxes?", "4")]
+
+
+def test_gsm8k_answers_are_normalised(tmp_path):
+    rows = [
+        {"question": "q1", "answer": "She has 3 * 2 = <<3*2=6>>6.\n#### 6"},
+        {"question": "q2", "answer": "Total is 1,000 + 234 = 1,234 dollars.\n#### 1,234"},
+        {"question": "q3", "answer": "#### 5\nOops, corrected:\n#### 1,234,567"},
+        {"question": "q4", "answer": "#### -3.5"},
+    ]
+    path = write_jsonl(tmp_path / "gsm.jsonl", rows)
+    assert [ex.answer for ex in load_examples(str(path))] == ["6", "1234", "1234567", "-3.5"]
+
+
+def test_max_samples_takes_the_first_rows(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    assert load_examples(str(path), max_samples=2) == EXPECTED[:2]
+    assert load_examples(str(path), max_samples=100) == EXPECTED
+    with pytest.raises(DataError, match="max_samples"):
+        load_examples(str(path), max_samples=0)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    path = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        load_examples(str(path))
+
+
+def test_missing_field_names_file_line_field_and_keys(tmp_path):
+    rows = [ROWS[0], ROWS[1], {"question": "q", "solution": "s"}]
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        load_examples(str(path))
+    message = str(err.value)
+    assert "line 3 of" in message and str(path) in message
+    assert "no field 'answer'" in message
+    assert "(fields: question, solution)" in message
+    assert "dataset.answer_field" in message
+
+    with pytest.raises(DataError, match=r"line 1 of .*no field 'problem'.*dataset\.prompt_field"):
+        load_examples(str(path), prompt_field="problem")
+
+
+def test_jsonl_line_numbers_count_blank_lines(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [ROWS[0], {"question": "q"}], blank_after=1)
+    with pytest.raises(DataError, match="line 3 of"):
+        load_examples(str(path))
+
+
+def test_missing_field_in_json_list_names_the_row(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([ROWS[0], ROWS[1], {"prompt": "p", "answer": "1"}]))
+    with pytest.raises(
+        DataError, match=r"row 3 of .*data\.json has no field 'question' \(fields: prompt, answer\)"
+    ):
+        load_examples(str(path))
+
+
+def test_missing_parquet_column_lists_the_columns(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"question": ["q"], "solution": ["s"]}), path)
+    with pytest.raises(DataError) as err:
+        load_examples(str(path))
+    message = str(err.value)
+    assert str(path) in message and "'answer'" in message
+    assert "question, solution" in message and "dataset.answer_field" in message
+
+
+def test_bad_json_line_names_the_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + '{"question": "q", "answer": \n')
+    with pytest.raises(DataError, match=r"line 2 of .*data\.jsonl: invalid JSON"):
+        load_examples(str(path))
+
+
+@pytest.mark.parametrize(
+    "row, pattern",
+    [
+        ({"question": "q", "answer": None}, "field 'answer' is NoneType"),
+        ({"question": "q", "answer": ["1"]}, "field 'answer' is list"),
+        ({"question": "q", "answer": True}, "field 'answer' is bool"),
+        ({"question": "q", "answer": "  "}, "field 'answer' is empty"),
+        ({"question": "q", "answer": "see \\boxed{12"}, "never closes"),
+        ({"question": "", "answer": "1"}, "field 'question' is '', expected a non-empty string"),
+        ({"question": 5, "answer": "1"}, "field 'question' is 5"),
+        (["q", "1"], "is a JSON list, expected an object"),
+    ],
+)
+def test_bad_values_name_the_row(tmp_path, row, pattern):
+    path = write_jsonl(tmp_path / "data.jsonl", [ROWS[0], row])
+    with pytest.raises(DataError, match=r"line 2 of .*" + re.escape(pattern)):
+        load_examples(str(path))
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="has no rows"):
+        load_examples(str(path))
+
+
+def test_unsupported_and_unknown_sources(tmp_path):
+    csv = tmp_path / "data.csv"
+    csv.write_text("question,answer\n")
+    with pytest.raises(DataError, match=r"unsupported file type.*\.jsonl"):
+        load_examples(str(csv))
+    with pytest.raises(DataError, match="is a folder"):
+        load_examples(str(tmp_path))
+    with pytest.raises(DataError, match="not a local"):
+        load_examples("not a dataset id!")
+
+
+# ---------------------------------------------------------------- Hugging Face Hub
+
+
+def test_hub_dataset_offline_error_names_repo_and_suggests_local_file():
+    with pytest.raises(DataError) as err:
+        load_examples("mlx-oisd-tests/no-such-dataset", split="train")
+    message = str(err.value)
+    assert "'mlx-oisd-tests/no-such-dataset'" in message
+    assert "local .jsonl or .parquet file" in message
+
+
+GSM8K_FILES = [
+    ".gitattributes",
+    "README.md",
+    "main/test-00000-of-00001.parquet",
+    "main/train-00000-of-00001.parquet",
+    "socratic/test-00000-of-00001.parquet",
+    "socratic/train-00000-of-00001.parquet",
+]
+
+
+def test_match_split_files_gsm8k_configs():
+    assert match_split_files(GSM8K_FILES, "train", "main") == ["main/train-00000-of-00001.parquet"]
+    assert match_split_files(GSM8K_FILES, "test", "socratic") == [
+        "socratic/test-00000-of-00001.parquet"
+    ]
+    with pytest.raises(DataError, match=r"several folders \(main, socratic\).*dataset\.config"):
+        match_split_files(GSM8K_FILES, "train")
+    with pytest.raises(DataError, match=r"no data file for split 'validation'.*main/train-"):
+        match_split_files(GSM8K_FILES, "validation", "main")
+    with pytest.raises(DataError, match="config 'nope'"):
+        match_split_files(GSM8K_FILES, "train", "nope")
+
+
+def test_match_split_files_jsonl_and_sharded_layouts():
+    math500 = [".gitattributes", "README.md", "test.jsonl"]
+    assert match_split_files(math500, "test") == ["test.jsonl"]
+    assert match_split_files(math500, "test", "default") == ["test.jsonl"]
+    with pytest.raises(DataError, match=r"no data file for split 'train'.*test\.jsonl"):
+        match_split_files(math500, "train")
+
+    sharded = [
+        "README.md",
+        "data/test-00000-of-00001.parquet",
+        "data/train-00001-of-00002.parquet",
+        "data/train-00000-of-00002.parquet",
+    ]
+    assert match_split_files(sharded, "train") == [
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+    ]
+    assert match_split_files(sharded, "train", "default") == match_split_files(sharded, "train")
+
+
+def test_match_split_files_prefers_parquet_and_needs_a_whole_token():
+    files = ["train.jsonl", "train-00000-of-00001.parquet", "contest.jsonl", "pretraining.json"]
+    assert match_split_files(files, "train") == ["train-00000-of-00001.parquet"]
+    assert match_split_files(["contest.jsonl", "test/0000.parquet"], "test") == [
+        "test/0000.parquet"
+    ]
+    assert match_split_files(["gsm8k_train.json"], "train") == ["gsm8k_train.json"]
+
+
+# ---------------------------------------------------------------- builtin:arith
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+
+def reference_value(question: str) -> int:
+    """Evaluate "What is 12 + 3 * 4?" with Python's own grammar, integers and + - * only."""
+    match = re.fullmatch(r"What is ([0-9+\-* ]+)\?", question)
+    assert match, question
+
+    def walk(node):
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        assert isinstance(node, ast.Constant) and type(node.value) is int
+        return node.value
+
+    return walk(ast.parse(match.group(1), mode="eval").body)
+
+
+def test_arith_defaults_and_answers_are_correct():
+    train = load_examples("builtin:arith")
+    test = load_examples("builtin:arith", split="test")
+    assert len(train) == 2000 and len(test) == 200
+    for ex in train + test:
+        assert re.fullmatch(r"What is \d\d \+ \d\d\?", ex.prompt)
+        assert ex.answer == str(reference_value(ex.prompt))
+
+
+@pytest.mark.parametrize("query", ["digits=3&ops=+-&terms=3&n=300", "ops=+-*&terms=4&n=500"])
+def test_arith_mixed_ops_answers_are_correct(query):
+    examples = load_examples(f"builtin:arith?{query}") + load_examples(
+        f"builtin:arith?{query}", split="test"
+    )
+    assert any(ex.answer.startswith("-") for ex in examples)  # subtraction goes below zero
+    for ex in examples:
+        assert ex.answer == str(reference_value(ex.prompt))
+    ops = set("".join(re.findall(r" ([+\-*]) ", " ".join(ex.prompt for ex in examples))))
+    assert ops == set(re.search(r"ops=([+\-*]+)", query).group(1))
+
+
+def test_arith_is_deterministic_per_seed():
+    a = load_examples("builtin:arith?n=100&seed=3")
+    assert a == load_examples("builtin:arith?n=100&seed=3")
+    assert a != load_examples("builtin:arith?n=100&seed=4")
+    # the held-out split does not depend on the number of train questions
+    assert load_examples("builtin:arith?n=100", split="test") == load_examples(
+        "builtin:arith?n=50", split="test"
+    )
+
+
+def test_arith_splits_are_disjoint_and_distinct():
+    source = "builtin:arith?digits=1&n=70&n_test=11"  # 81 distinct questions: nearly all drawn
+    train = {ex.prompt for ex in load_examples(source)}
+    test = {ex.prompt for ex in load_examples(source, split="test")}
+    assert len(train) == 70 and len(test) == 11
+    assert not train & test
+
+
+@pytest.mark.parametrize(
+    "source, pattern",
+    [
+        ("builtin:arith?digit=3", "unknown parameter 'digit'"),
+        ("builtin:arith?digits=abc", "digits='abc' is not valid, expected int"),
+        ("builtin:arith?digits=0", "digits='0' is not valid"),
+        ("builtin:arith?ops=/", "ops='/' is not valid"),
+        ("builtin:arith?ops=++", "ops='\\+\\+' is not valid"),
+        ("builtin:arith?terms=1", "terms='1' is not valid, expected int >= 2"),
+        ("builtin:arith?n", "malformed parameter 'n'"),
+        ("builtin:arith?digits=1&n=100", "only 81 distinct questions"),
+    ],
+)
+def test_arith_parameter_errors(source, pattern):
+    with pytest.raises(DataError, match=pattern) as err:
+        load_examples(source)
+    if "parameter 'n'" not in pattern and "distinct" not in pattern:
+        assert "valid: digits (int, default 2), ops (str, default '+'), terms (int" in str(
+            err.value
+        )
+
+
+def test_unknown_builtin_and_split():
+    with pytest.raises(DataError, match="unknown built-in task 'builtin:algebra'.*builtin:arith"):
+        load_examples("builtin:algebra")
+    with pytest.raises(DataError, match="splits train, test, not 'validation'"):
+        load_examples("builtin:arith", split="validation")
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_dir):
+    from mlx_oisd import load
+
+    return load(tiny_dir)[1]
+
+
+def test_render_prompt_chat_markers_and_instruction(tiny_tokenizer):
+    ids = render_prompt(tiny_tokenizer, "What is 2 + 3?", system_prompt="Be brief.")
+    assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+    text = tiny_tokenizer.decode(ids)
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 3?\n"
+        "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    im_start = tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert ids.count(im_start) == 3  # special tokens are single ids, not spelled out in bytes
+
+
+def test_render_prompt_thinking_and_no_system(tiny_tokenizer):
+    text = tiny_tokenizer.decode(render_prompt(tiny_tokenizer, "Q?", enable_thinking=True))
+    assert text == "<|im_start|>user\nQ?" + MATH_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def test_sampler_visits_every_index_once_per_epoch():
+    n, batch = 10, 3
+    sampler = PromptSampler(n, batch, seed=0)
+    flat = np.concatenate([next(sampler) for _ in range(10)])  # 30 indices = 3 epochs
+    epochs = flat.reshape(3, n)
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(n))
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled
+    assert sampler.state_dict() == {"epoch": 3, "position": 0}
+
+
+def test_sampler_batch_larger_than_dataset():
+    sampler = PromptSampler(3, 7, seed=5)
+    flat = np.concatenate([next(sampler) for _ in range(3)])  # 21 = 7 epochs
+    for order in flat.reshape(7, 3):
+        assert sorted(order.tolist()) == [0, 1, 2]
+
+
+def test_sampler_seed_changes_order():
+    a = next(PromptSampler(50, 50, seed=0))
+    assert np.array_equal(a, next(PromptSampler(50, 50, seed=0)))
+    assert not np.array_equal(a, next(PromptSampler(50, 50, seed=1)))
+
+
+@pytest.mark.parametrize("stop", [0, 1, 3, 4, 7])
+def test_sampler_resume_gives_identical_batches(stop):
+    reference = PromptSampler(11, 4, seed=2)
+    expected = [next(reference).tolist() for _ in range(12)]
+
+    first = PromptSampler(11, 4, seed=2)
+    for _ in range(stop):
+        first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    resumed = PromptSampler(11, 4, seed=2)
+    resumed.load_state_dict(state)
+    assert [next(resumed).tolist() for _ in range(12 - stop)] == expected[stop:]
+
+
+def test_sampler_rejects_bad_state_and_sizes():
+    sampler = PromptSampler(5, 2)
+    with pytest.raises(ValueError, match="position 5 is out of range"):
+        sampler.load_state_dict({"epoch": 0, "position": 5})
+    with pytest.raises(ValueError, match="'epoch' must be an integer"):
+        sampler.load_state_dict({"position": 0})
+    with pytest.raises(ValueError, match="n_examples >= 1"):
+        PromptSampler(0, 2)
+
+
+# ---------------------------------------------------------------- shared benchmark file
+
+
+@pytest.mark.skipif(
+    not (SHARED_BENCHMARKS / "gsm8k.jsonl").is_file(), reason="no shared gsm8k.jsonl"
+)
+def test_shared_gsm8k_answers_are_plain_numbers():
+    examples = load_examples(str(SHARED_BENCHMARKS / "gsm8k.jsonl"))
+    assert len(examples) > 1000
+    for ex in examples:
+        assert re.fullmatch(r"-?\d+(\.\d+)?", ex.answer), ex.answer

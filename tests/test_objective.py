@@ -1,0 +1,156 @@
+"""objective.py: the DESIGN.md invariants of the combined GRPO + OISD objective on a tiny model."""
+
+from dataclasses import replace
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlx_oisd import load
+from mlx_oisd.lora import adapters_disabled
+from mlx_oisd.objective import LossSpec, objective, objective_terms, policy_logprobs
+from mlx_oisd.rollout import Rollout, pack
+
+L = 4  # blocks of the tiny model
+STUDENT = 2
+
+
+@pytest.fixture
+def model(make_tiny):
+    model, _ = load(make_tiny(tie_word_embeddings=False, init_std=0.1, seed=3))
+    return model
+
+
+def _batch(vocab, G=2, seed=0):
+    """Two prompts of different lengths, G completions of different lengths, one ending in EOS."""
+    rng = np.random.default_rng(seed)
+    prompts = [list(rng.integers(5, vocab, 4)), list(rng.integers(5, vocab, 6))]
+    lengths = [5, 3, 4, 2][: 2 * G]
+    completions = [list(rng.integers(5, vocab, n)) for n in lengths]
+    completions[0][-1] = 2  # a sampled EOS is a response token like any other
+    rollout = Rollout(prompts, completions, [False, True, False, True][: 2 * G], G)
+    return pack(rollout, pad_id=0)
+
+
+def _inputs(model, spec, batch, adv=(1.0, -0.5, 0.7, -1.2)):
+    old, _ = policy_logprobs(model, batch, spec)
+    adv = mx.array(adv[: batch.tokens.shape[0]])
+    return adv, old, batch.response_mask.sum(), batch.tokens.shape[0]
+
+
+def _term_grads(model, batch, spec, term):
+    adv, old, ntok, nseq = _inputs(model, spec, batch)
+
+    def f(m):
+        terms, _ = objective_terms(m, batch, adv, old, None, spec, ntok, nseq)
+        return terms[term]
+
+    _, grads = nn.value_and_grad(model, f)(model)
+    return dict(tree_flatten(grads))
+
+
+def _block(name):
+    return int(name.split(".")[2]) + 1 if name.startswith("model.layers.") else None
+
+
+def test_logit_alignment_gives_no_gradient_above_the_student(model):
+    """Teacher detached: the logit-lens term alone moves nothing in blocks > l, and does move
+    blocks <= l (full fine-tuning, every parameter trainable)."""
+    spec = LossSpec(student_layers=(STUDENT,), lambda_attn=0.0)
+    grads = _term_grads(model, _batch(model.args.vocab_size), spec, "logit")
+    above = {n: g for n, g in grads.items() if (_block(n) or 0) > STUDENT}
+    below = {n: g for n, g in grads.items() if _block(n) is not None and _block(n) <= STUDENT}
+    assert above and all(float(mx.abs(g).max()) == 0.0 for g in above.values())
+    assert all(float(mx.abs(g).max()) > 0 for n, g in below.items() if "mlp" in n or "q_proj" in n)
+
+
+def test_attention_alignment_gives_no_gradient_above_the_student_nor_to_its_mlp(model):
+    spec = LossSpec(student_layers=(STUDENT,), lambda_logit=0.0)
+    grads = _term_grads(model, _batch(model.args.vocab_size), spec, "attn")
+    for name, g in grads.items():
+        b = _block(name)
+        no_path = (b is not None and b > STUDENT) or (b == STUDENT and (
+            ".mlp." in name or "post_attention_layernorm" in name or "v_proj" in name
+            or "o_proj" in name)) or name in ("lm_head.weight", "model.norm.weight")
+        if no_path:
+            assert float(mx.abs(g).max()) == 0.0, name
+    assert float(mx.abs(grads[f"model.layers.{STUDENT - 1}.self_attn.q_proj.weight"]).max()) > 0
+    assert float(mx.abs(grads["model.layers.0.mlp.down_proj.weight"]).max()) > 0
+
+
+def test_first_inner_iteration_has_ratio_exactly_one(model):
+    batch = _batch(model.args.vocab_size)
+    for spec in (LossSpec(student_layers=(STUDENT,)), LossSpec(algorithm="grpo"),
+                 LossSpec(algorithm="bupo", student_layers=(STUDENT,), bupo_active=True)):
+        adv, old, ntok, nseq = _inputs(model, spec, batch)
+        _, stats = objective(model, batch, adv, old, None, spec, ntok, nseq)
+        assert float(stats["ratio_sum"]) == float(stats["tokens"]), spec.algorithm
+        assert float(stats["clip_low"]) == float(stats["clip_high"]) == 0
+
+
+def test_zero_lambdas_are_plain_grpo_bit_for_bit(model):
+    batch = _batch(model.args.vocab_size)
+    results = []
+    for spec in (LossSpec(algorithm="grpo"), LossSpec(lambda_logit=0.0, lambda_attn=0.0)):
+        adv, old, ntok, nseq = _inputs(model, spec, batch)
+        loss, grads = nn.value_and_grad(model, objective)(model, batch, adv, old, None, spec, ntok, nseq)
+        results.append((loss[0], dict(tree_flatten(grads))))
+    (la, ga), (lb, gb) = results
+    assert float(la) == float(lb)
+    assert all(np.array_equal(np.asarray(ga[k]), np.asarray(gb[k])) for k in ga)
+
+
+def test_policy_logprobs_equal_a_plain_forward_and_score_the_eos(model):
+    """Recomputed log-probs equal log_softmax(model(tokens) / T) at the response tokens."""
+    batch = _batch(model.args.vocab_size)
+    spec = LossSpec(student_layers=(STUDENT,), temperature=0.7, chunk_size=3)
+    logp, entropy = policy_logprobs(model, batch, spec)
+    P = batch.prompt_len
+    tokens, resp = np.asarray(batch.tokens), np.asarray(batch.response_mask)
+    for i in range(tokens.shape[0]):
+        n = int(resp[i].sum())
+        start = int(np.argmax(np.asarray(batch.mask[i])))  # first real token of the row
+        row = tokens[i, start:P + n]  # this row alone, no padding
+        logits = np.asarray(model(mx.array(row[None, :-1])))[0].astype(np.float64) / 0.7
+        logq = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        expected = logq[P - start - 1:, :][np.arange(n), row[P - start:]]
+        np.testing.assert_allclose(np.asarray(logp[i, :n]), expected, atol=1e-4)
+        ent = -(np.exp(logq) * logq).sum(-1)[P - start - 1:]
+        np.testing.assert_allclose(np.asarray(entropy[i, :n]), ent, atol=1e-4)
+    assert resp[0, 4] == 1 and tokens[0, P + 4] == 2  # the EOS is scored
+
+
+def test_lora_disabled_reference_equals_the_base_model(make_tiny):
+    folder = make_tiny(tie_word_embeddings=False, init_std=0.1, seed=3)
+    base, _ = load(folder)
+    model, _ = load(folder)
+    model.freeze()
+    linear_to_lora_layers(model, L, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    lora_b = [(n, p) for n, p in tree_flatten(model.trainable_parameters()) if n.endswith("lora_b")]
+    model.load_weights([(n, 0.1 * mx.ones(p.shape)) for n, p in lora_b], strict=False)
+    batch = _batch(model.args.vocab_size)
+    spec = LossSpec(algorithm="grpo")
+    with_lora, _ = policy_logprobs(model, batch, spec)
+    with adapters_disabled(model):
+        ref, _ = policy_logprobs(model, batch, spec)
+    expected, _ = policy_logprobs(base, batch, spec)
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(expected), atol=1e-6)
+    assert float(mx.abs(with_lora - expected).max()) > 1e-3
+    again, _ = policy_logprobs(model, batch, spec)  # scales restored afterwards
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(with_lora))
+
+
+def test_bupo_scores_the_lens_policy_then_the_final_layer(model):
+    batch = _batch(model.args.vocab_size)
+    spec = LossSpec(algorithm="bupo", student_layers=(STUDENT,), bupo_active=True)
+    internal, _ = policy_logprobs(model, batch, spec)
+    final, _ = policy_logprobs(model, batch, replace(spec, bupo_active=False))
+    grpo, _ = policy_logprobs(model, batch, LossSpec(algorithm="grpo"))
+    np.testing.assert_array_equal(np.asarray(final), np.asarray(grpo))
+    assert float(mx.abs(internal - final).max()) > 1e-3
+    grads = _term_grads(model, batch, spec, "policy")  # the lens policy: blocks > l untouched
+    assert all(float(mx.abs(g).max()) == 0 for n, g in grads.items() if (_block(n) or 0) > STUDENT)

@@ -1,0 +1,408 @@
+"""Tests for mlx_oisd/rewards: extraction, math equivalence, format, registry, checker, benchmarks."""
+
+import itertools
+import json
+import re
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx_oisd.rewards.math as math_module
+from mlx_oisd.rewards import (
+    MathChecker,
+    call_reward,
+    extract_answer,
+    format_reward,
+    gsm8k_gold,
+    math_reward,
+    resolve_reward,
+    score_batch,
+    strip_thinking,
+)
+from mlx_oisd.rewards.benchmarks import BENCHMARK_FIELDS, load_benchmark_rows
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "shared/data/benchmarks"
+
+
+# user rewards and checker hooks, importable by name (`f"{__name__}:fn"`) in the worker too
+
+
+def _half(completion, answer):
+    return 0.5
+
+
+def _divide(completion, answer):
+    return 1.0 / len(completion)  # ZeroDivisionError on ""
+
+
+def _not_a_number(completion, answer):
+    return "1.0"
+
+
+def _nan(completion, answer):
+    return float("nan")
+
+
+def _checker_hook(completion, answer):
+    if completion == "hang":
+        time.sleep(3600)
+    if completion == "raise":
+        raise ZeroDivisionError("from the hook")
+    return math_reward(completion, answer)
+
+
+NOT_CALLABLE = 3
+
+
+# extraction
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+        (r"\boxed{1} first, then \boxed{2}", "2"),
+        (r"\boxed{\left\{1, 2\right\}}", r"\left\{1, 2\right\}"),
+        (r"\fbox{x^{2}+1}", "x^{2}+1"),
+        (r"\boxed{\left\{ x \mid x>1 \right.}", r"\left\{ x \mid x>1 \right."),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+        (r"the box \boxed 5$ ends", "5"),
+        (r"\boxed{3} and a cut-off \boxed{\frac{1}{2", "3"),
+        ("so 3 + 4 = 7\n#### 1,000\n", "1,000"),
+        ("#### 5\nlater #### 6", "6"),
+        ("The answer is $\\frac{3}{4}$. I hope it is correct.", r"\frac{3}{4}"),
+        ("Final Answer: The final answer is 12. I hope it is correct.", "12"),
+        ("**Answer:** **7**.", "7"),
+        ("Answer: 42\n", "42"),
+        (r"\boxed{}", None),
+        ("no answer here", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"<think>maybe \boxed{3}</think> so \boxed{4}", r" so \boxed{4}"),
+        (r"a<think>x</think>b<think>y</think>c", "abc"),
+        (r"opened in the prompt </think> \boxed{4}", r" \boxed{4}"),
+        (r"answer \boxed{4} <think> still thinking \boxed{5}", r"answer \boxed{4} "),
+        ("no reasoning", "no reasoning"),
+    ],
+)
+def test_strip_thinking(text, expected):
+    assert strip_thinking(text) == expected
+
+
+def test_gsm8k_gold_takes_text_after_hashes_without_thousands_commas():
+    assert gsm8k_gold("She pays 2 * 3 = <<2*3=6>>6\n#### 1,450,000") == "1450000"
+    assert gsm8k_gold("#### -3") == "-3"
+    with pytest.raises(ValueError, match="no '####'"):
+        gsm8k_gold("no final line")
+
+
+# math equivalence
+
+
+@pytest.mark.parametrize(
+    "pred, gold",
+    [
+        (r"\frac{1}{2}", "0.5"),
+        ("0.5", r"\frac{1}{2}"),
+        (r"\sqrt{2}/2", r"\frac{\sqrt2}{2}"),
+        ("3/4", r"\frac{3}{4}"),
+        (r"\dfrac34", "0.75"),
+        ("1,000", "1000"),
+        ("x=5", "5"),
+        ("5", "x = 5"),
+        ("C", r"\text{(C)}"),
+        ("(3, 4]", "(3,4]"),
+        (r"x \in [-2,7]", "[-2,7]"),
+        ("-2, 1", "1,-2"),
+        ("90", r"90^\circ"),
+        ("32348", r"\$32,\!348"),
+        ("25", "025"),
+        (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}"),
+        ("1+x^2", "x^2 + 1"),
+    ],
+)
+def test_math_reward_accepts_equal_answers(pred, gold):
+    assert math_reward(f"We get \\boxed{{{pred}}}.", gold) == 1.0
+
+
+@pytest.mark.parametrize(
+    "completion, gold",
+    [
+        (r"\boxed{\frac{1}{3}}", "0.5"),
+        (r"\boxed{2}", "3"),
+        (r"\boxed{-0.5}", r"\frac12"),
+        (r"\boxed{\pi}", "3.14"),
+        (r"\boxed{(3,4)}", "(3,4]"),
+        (r"\boxed{x^2-1}", "x^2+1"),
+        (r"\boxed{\text{(B)}}", r"\text{(C)}"),
+        ("I do not know.", "5"),
+        (r"<think>\boxed{5}</think> I give up", "5"),
+        (r"<think> \boxed{5} and the budget ran out", "5"),
+    ],
+)
+def test_math_reward_rejects_wrong_or_missing_answers(completion, gold):
+    assert math_reward(completion, gold) == 0.0
+
+
+def test_math_reward_reads_final_answer_after_thinking_and_gsm8k_style():
+    assert math_reward(r"<think>\boxed{3}</think> so \boxed{4}", "4") == 1.0
+    assert math_reward("3 + 4 = 7\n#### 7", "7") == 1.0
+    assert math_reward("The answer is $\\frac{3}{4}$.", "0.75") == 1.0
+
+
+def test_exact_match_fast_path_does_not_call_math_verify(monkeypatch):
+    import math_verify
+
+    def fail(*args, **kwargs):
+        raise AssertionError("math_verify was called")
+
+    monkeypatch.setattr(math_verify, "parse", fail)
+    assert math_reward(r"\boxed{1,000}", "1000") == 1.0
+    assert math_reward(r"\boxed{ \dfrac{1}{2} }", r"\frac{1}{2}") == 1.0
+    assert math_reward(r"\boxed{\text{(C)}}", "(C)") == 1.0
+    assert math_reward(r"\boxed{19}", "18") == 0.0  # two integers: decided without math_verify
+
+
+def test_math_reward_works_outside_the_main_thread():
+    # math_verify's SIGALRM timeout would raise ValueError in a worker thread
+    results = []
+    thread = threading.Thread(target=lambda: results.append(math_reward(r"\boxed{0.5}", "1/2")))
+    thread.start()
+    thread.join()
+    assert results == [1.0]
+
+
+# format reward
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        (r"\boxed{5}", 1.0),
+        (r"<think>try \boxed{4}</think> so \boxed{5}", 1.0),
+        (r"opened in the prompt </think> \boxed{5}", 1.0),
+        (r"<think> never closed \boxed{5}", 0.0),
+        (r"\boxed{1} or \boxed{2}", 0.0),
+        (r"\boxed{\frac{1}{2}", 0.0),
+        (r"\boxed 5", 0.0),
+        (r"\boxed{}", 0.0),
+        (r"\boxed{\boxed{1}}", 0.0),
+        ("The answer is 5.", 0.0),
+    ],
+)
+def test_format_reward(completion, expected):
+    assert format_reward(completion) == expected
+    assert format_reward(completion, "ignored") == expected
+
+
+# registry and score_batch
+
+
+def test_resolve_reward_builtins_and_user_functions():
+    assert resolve_reward("math") is math_reward
+    assert resolve_reward("format") is format_reward
+    assert resolve_reward(f"{__name__}:_half") is _half
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("foo", "reward 'foo': expected one of math, format or 'module:function'"),
+        (
+            "no_such_module_xyz:fn",
+            "reward 'no_such_module_xyz:fn': cannot import module 'no_such_module_xyz'",
+        ),
+        (
+            f"{__name__}:missing",
+            f"reward '{__name__}:missing': module '{__name__}' has no attribute 'missing'",
+        ),
+        (f"{__name__}:NOT_CALLABLE", "is not callable"),
+        (":fn", "expected one of math, format"),
+    ],
+)
+def test_resolve_reward_bad_specs_name_the_spec(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_reward(spec)
+
+
+def test_score_batch_sums_weighted_rewards():
+    completions = [r"\boxed{4}", r"\boxed{5}", "4", r"<think>\boxed{4}"]
+    answers = ["4", "4", "4", "4"]
+    total, per_reward, stats = score_batch(
+        completions, answers, [("math", 1.0), ("format", 0.5), (f"{__name__}:_half", -2.0)]
+    )
+    np.testing.assert_array_equal(per_reward["math"], [1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(per_reward["format"], [1.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(per_reward[f"{__name__}:_half"], [0.5] * 4)
+    np.testing.assert_allclose(total, [1.5 - 1.0, 0.5 - 1.0, -1.0, -1.0])
+    assert total.dtype == np.float32 and total.shape == (4,)
+    assert stats["errors/math"] == 0 and stats["timeouts/math"] == 0
+    assert stats["error_types"] == {}
+
+
+def test_user_reward_that_raises_scores_zero_and_is_counted():
+    name = f"{__name__}:_divide"
+    total, per_reward, stats = score_batch(["ab", "", "abcd", ""], ["x"] * 4, [(name, 1.0)])
+    np.testing.assert_allclose(total, [0.5, 0.0, 0.25, 0.0])
+    assert stats[f"errors/{name}"] == 2
+    assert stats["error_types"] == {name: {"ZeroDivisionError": 2}}
+
+
+def test_reward_returning_a_non_number_is_an_error():
+    assert call_reward(_not_a_number, "a", "b") == (0.0, "TypeError")
+    assert call_reward(lambda c, a: True, "a", "b") == (0.0, "TypeError")
+    assert call_reward(_nan, "a", "b") == (0.0, "ValueError")
+    assert call_reward(lambda c, a: np.float32(0.25), "a", "b") == (0.25, None)
+    _, _, stats = score_batch(["a"], ["b"], [(f"{__name__}:_not_a_number", 1.0)])
+    assert stats["error_types"] == {f"{__name__}:_not_a_number": {"TypeError": 1}}
+
+
+def test_score_batch_rejects_bad_input_before_scoring():
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        score_batch(["a", "b"], ["a"], [("math", 1.0)])
+    with pytest.raises(ValueError, match="listed more than once: math"):
+        score_batch(["a"], ["a"], [("math", 1.0), ("math", 0.5)])
+    with pytest.raises(ValueError, match="reward 'format': weight 'high' is not a finite number"):
+        score_batch(["a"], ["a"], [("format", "high")])
+    with pytest.raises(ValueError, match="reward 'bogus'"):
+        score_batch(["a"], ["a"], [("math", 1.0), ("bogus", 1.0)])
+
+
+# MathChecker: one spawned worker, killed and restarted on a timeout
+
+
+@pytest.fixture(scope="module")
+def hook_checker():
+    with MathChecker(timeout_s=1.0, score_fn=f"{__name__}:_checker_hook") as checker:
+        yield checker
+
+
+def test_checker_timeout_scores_zero_and_restarts_the_worker(hook_checker):
+    before = hook_checker.timeouts
+    start = time.monotonic()
+    scores, stats = hook_checker.score([(r"\boxed{1}", "1"), ("hang", "1"), (r"\boxed{2}", "2")])
+    assert scores == [1.0, 0.0, 1.0]
+    assert stats == {"timeouts": 1, "errors": 0, "error_types": {}}
+    assert hook_checker.timeouts == before + 1
+    assert time.monotonic() - start < 60
+    scores, stats = hook_checker.score([(r"\boxed{\frac{1}{2}}", "0.5")])  # still serving
+    assert scores == [1.0] and stats["timeouts"] == 0
+
+
+def test_checker_counts_errors_with_their_type(hook_checker):
+    scores, stats = hook_checker.score([("raise", "1"), (r"\boxed{3}", "3"), ("raise", "1")])
+    assert scores == [0.0, 1.0, 0.0]
+    assert stats == {"timeouts": 0, "errors": 2, "error_types": {"ZeroDivisionError": 2}}
+
+
+def test_score_batch_routes_math_through_the_checker(hook_checker):
+    total, per_reward, stats = score_batch(
+        [r"\boxed{4}", "hang", "raise"], ["4", "4", "4"], [("math", 2.0)], checker=hook_checker
+    )
+    np.testing.assert_array_equal(total, [2.0, 0.0, 0.0])
+    assert stats["timeouts/math"] == 1 and stats["errors/math"] == 1
+    assert stats["error_types"] == {"math": {"ZeroDivisionError": 1}}
+
+
+def test_checker_default_scores_math_reward_and_closes():
+    checker = MathChecker()
+    scores, stats = checker.score(
+        [(r"\boxed{\sqrt{2}/2}", r"\frac{\sqrt2}{2}"), (r"\boxed{1}", "2")]
+    )
+    assert scores == [1.0, 0.0]
+    assert stats == {"timeouts": 0, "errors": 0, "error_types": {}}
+    checker.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        checker.score([("a", "b")])
+
+
+def test_checker_rejects_fork_and_bad_score_fn():
+    with pytest.raises(ValueError, match="'fork'"):
+        MathChecker(context="fork")
+    with pytest.raises(ValueError, match=f"reward '{__name__}:missing'"):
+        MathChecker(score_fn=f"{__name__}:missing")
+
+
+# benchmark files
+
+
+def test_load_benchmark_rows_errors_name_file_line_and_field(tmp_path):
+    path = tmp_path / "math500.jsonl"
+    path.write_text(
+        json.dumps({"problem": "1+1?", "answer": "2"})
+        + "\n\n"
+        + json.dumps({"problem": "x"})
+        + "\n"
+    )
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: missing field 'answer'")):
+        load_benchmark_rows(path, "math500")
+    path.write_text('{"question": "q", "answer": "#### 4"}\n{broken\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: invalid JSON")):
+        load_benchmark_rows(path, "gsm8k")
+    path.write_text('{"question": "q", "answer": "no hashes"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: field 'answer'")):
+        load_benchmark_rows(path, "gsm8k")
+    with pytest.raises(ValueError, match="benchmark 'mmlu': expected one of math500"):
+        load_benchmark_rows(path, "mmlu")
+    with pytest.raises(FileNotFoundError, match="no file"):
+        load_benchmark_rows(tmp_path / "absent.jsonl", "aime24")
+
+
+def _perturbed(gold: str) -> str:
+    """A wrong answer next to `gold`: a number plus one, anything else with "+1" appended."""
+    if re.fullmatch(r"-?\d+(\.\d+)?", gold):
+        return str(Decimal(gold) + 1)
+    return gold + "+1"
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARK_FIELDS))
+def test_benchmark_golds_self_verify_and_perturbed_golds_fail(name):
+    path = BENCHMARKS / f"{name}.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    rows = load_benchmark_rows(path, name)
+    assert len(rows) == sum(1 for line in path.read_text().splitlines() if line.strip())
+    failures = []
+    for row in rows:
+        gold = row["answer"]
+        assert row["prompt"].strip() and gold
+        if math_reward(f"So the answer is \\boxed{{{gold}}}.", gold) != 1.0:
+            failures.append(("self", gold))
+        if math_reward(f"So the answer is \\boxed{{{_perturbed(gold)}}}.", gold) != 0.0:
+            failures.append(("perturbed", gold))
+    assert not failures, failures
+
+
+def test_math500_golds_self_verify_through_math_verify(monkeypatch):
+    """The fast path makes self-verification trivial; switch it off so math_verify parses every gold."""
+    path = BENCHMARKS / "math500.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    counter = itertools.count()
+    monkeypatch.setattr(math_module, "normalize_answer", lambda s: f"{s}\0{next(counter)}")
+    rows = load_benchmark_rows(path, "math500")
+    failures = [
+        r["answer"] for r in rows if math_reward(f"\\boxed{{{r['answer']}}}", r["answer"]) != 1.0
+    ]
+    assert not failures, failures
+
+
+def test_math500_reference_solutions_score_one():
+    path = BENCHMARKS / "math500.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    failures = [r["answer"] for r in records if math_reward(r["solution"], r["answer"]) != 1.0]
+    assert not failures, failures
