@@ -122,7 +122,9 @@ class TrainConfig:
     rewards: list[RewardSpec] = field(
         default_factory=lambda: [RewardSpec("math", 1.0), RewardSpec("format", 0.1)]
     )
+    reward_timeout: float = 10.0  # seconds per item for math and user rewards (a hang scores 0)
     loss_chunk_size: int = 1024  # response rows per chunk of the logit/JS loss
+    compile: bool = False  # mx.compile the gradient step (P and C padded to multiples of 32)
     # bookkeeping
     save_every: int = 50  # 0: save only at the end
     seed: int = 0
@@ -176,6 +178,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rewards": ((lambda v: len(v) > 0), "a non-empty list"),
     "rewards[].name": _NON_EMPTY,
     "loss_chunk_size": _at_least(1),
+    "reward_timeout": _POSITIVE,
     "save_every": _at_least(0),
 }
 

@@ -151,3 +151,37 @@ def objective(model, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec, num_
         loss = loss + spec.lambda_attn * terms["attn"]
     stats["pg_loss"] = mx.stop_gradient(terms["policy"])
     return loss, stats
+
+
+class ObjectiveGrad:
+    """`nn.value_and_grad` of `objective`, optionally under `mx.compile`.
+
+    A compiled function is traced once per (spec, prompt_len, has_ref) and re-traced by MLX per
+    input shape; `rollout.pack` rounds P and C up to a bucket so few shapes occur. Model
+    parameters and the RNG (LoRA dropout) are declared as compile inputs/outputs.
+    Call: (batch, adv, old_logp, ref_logp, spec, num_tokens, num_seqs) -> ((loss, stats), grads).
+    """
+
+    def __init__(self, model: nn.Module, compile: bool = True):
+        self.model, self.compile, self.cache = model, compile, {}
+
+    def _build(self, spec: LossSpec, prompt_len: int, has_ref: bool):
+        loss_and_grad = nn.value_and_grad(self.model, objective)
+
+        def step(tokens, mask, response_mask, adv, old_logp, ref_logp, num_tokens, num_seqs):
+            batch = Batch(tokens, mask, response_mask, prompt_len)
+            ref = ref_logp if has_ref else None
+            return loss_and_grad(self.model, batch, adv, old_logp, ref, spec, num_tokens, num_seqs)
+
+        if not self.compile:
+            return step
+        state = [self.model.state, mx.random.state]
+        return mx.compile(step, inputs=state, outputs=state)
+
+    def __call__(self, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec, num_tokens, num_seqs):
+        key = (spec, batch.prompt_len, ref_logp is not None)
+        if key not in self.cache:
+            self.cache[key] = self._build(*key)
+        ref = ref_logp if ref_logp is not None else old_logp  # placeholder array, unused
+        return self.cache[key](batch.tokens, batch.mask, batch.response_mask, adv, old_logp, ref,
+                               mx.array(num_tokens, mx.float32), mx.array(num_seqs, mx.float32))

@@ -103,11 +103,16 @@ class Batch:
         return self.tokens[:, self.prompt_len:]
 
 
-def pack(rollout: Rollout, pad_id: int, mask_truncated: bool = False) -> Batch:
-    """Lay out prompts + completions for the loss (see module docstring)."""
+def _round_up(n: int, bucket: int) -> int:
+    return -(-n // bucket) * bucket
+
+
+def pack(rollout: Rollout, pad_id: int, mask_truncated: bool = False, bucket: int = 1) -> Batch:
+    """Lay out prompts + completions for the loss (see module docstring). P and C are rounded up
+    to a multiple of `bucket` so that a compiled step sees few distinct shapes."""
     G = rollout.group_size
-    P = max(len(p) for p in rollout.prompts)
-    C = max(1, max(len(c) for c in rollout.completions))
+    P = _round_up(max(len(p) for p in rollout.prompts), bucket)
+    C = _round_up(max(1, max(len(c) for c in rollout.completions)), bucket)
     N = len(rollout.completions)
     tokens = np.full((N, P + C), pad_id, dtype=np.int32)
     mask = np.zeros((N, P + C), dtype=np.int32)

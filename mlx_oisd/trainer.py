@@ -29,8 +29,9 @@ from .data.sources import load_examples
 from .loading import load
 from .lora import adapters_disabled, apply_lora, lora_parameters
 from .metrics import MetricsWriter
-from .objective import LossSpec, objective, policy_logprobs
+from .objective import LossSpec, ObjectiveGrad, policy_logprobs
 from .rewards import MathChecker, resolve_reward, score_batch
+from .rewards.math import DEFAULT_SCORE_FN
 from .rollout import Batch, pack, sample
 
 
@@ -42,8 +43,9 @@ class Run:
     optimizer: optim.Optimizer
     examples: list
     sampler: PromptSampler
-    checker: MathChecker
+    workers: dict[str, MathChecker]  # reward name -> its time-limited worker process
     spec: LossSpec
+    grad_fn: ObjectiveGrad
     out_dir: Path
     start_step: int = 0
 
@@ -102,7 +104,8 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
         cfg=cfg, model=model, tokenizer=tokenizer,
         optimizer=optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay),
         examples=examples, sampler=PromptSampler(len(examples), cfg.batch_size, cfg.seed),
-        checker=MathChecker(), spec=loss_spec(cfg), out_dir=out_dir,
+        workers=reward_workers(cfg), spec=loss_spec(cfg), grad_fn=ObjectiveGrad(model, cfg.compile),
+        out_dir=out_dir,
     )
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, run.optimizer)
@@ -112,18 +115,30 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     return run
 
 
+def reward_workers(cfg: TrainConfig) -> dict[str, MathChecker]:
+    """`math` and every user reward run in a worker process that a hang cannot freeze; the
+    built-in `format` reward is a regex and runs in-process."""
+    return {r.name: MathChecker(timeout_s=cfg.reward_timeout,
+                                score_fn=DEFAULT_SCORE_FN if r.name == "math" else r.name)
+            for r in cfg.rewards if r.name != "format"}
+
+
 def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> Run:
     """Run (or continue) training; returns the finished Run."""
     run = setup(cfg, resume)
     writer = MetricsWriter(run.out_dir / "metrics.jsonl", cfg.max_steps, run.start_step, show_progress)
     try:
         for step in range(run.start_step + 1, cfg.max_steps + 1):
-            writer.write(train_step(run, step))
+            record = train_step(run, step)
+            writer.write(record)
+            if failed := record.get("reward_error_types"):
+                writer.print(f"step {step}: failing rewards scored 0: {failed}")
             if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
                 save(run, step)
     finally:
         writer.close()
-        run.checker.close()
+        for worker in run.workers.values():
+            worker.close()
     return run
 
 
@@ -155,15 +170,16 @@ def train_step(run: Run, step: int) -> dict:
     texts = [tok.decode(c) for c in rollout.completions]
     answers = [ex.answer for ex in examples for _ in range(G)]
     specs = [(r.name, r.weight) for r in cfg.rewards]
-    rewards, per_reward, reward_stats = score_batch(texts, answers, specs, run.checker)
+    rewards, per_reward, reward_stats = score_batch(texts, answers, specs, run.workers)
     adv = group_advantages(rewards, G, cfg.advantage)
-    batch = pack(rollout, tok.pad_token_id if tok.pad_token_id is not None else 0, cfg.mask_truncated)
+    batch = pack(rollout, tok.pad_token_id if tok.pad_token_id is not None else 0, cfg.mask_truncated,
+                 bucket=32 if cfg.compile else 1)
     if cfg.filter_zero_std_groups:
         batch, adv = select_rows(batch, adv, keep_rows(rewards, G))
 
     t1 = time.perf_counter()
     spec = replace(run.spec, bupo_active=step <= cfg.bupo.internal_steps)
-    stats = update(model, run.optimizer, batch, mx.array(adv), spec, cfg) if len(adv) else {}
+    stats = update(model, run.optimizer, run.grad_fn, batch, mx.array(adv), spec, cfg) if len(adv) else {}
     t_train = time.perf_counter() - t1
 
     lengths = np.array([len(c) for c in rollout.completions])
@@ -173,7 +189,8 @@ def train_step(run: Run, step: int) -> dict:
         "reward": float(rewards.mean()),
         "reward_std": float(rewards.std()),
         **{f"reward/{k}": float(v.mean()) for k, v in per_reward.items()},
-        **{f"rewards/{k}": v for k, v in reward_stats.items() if isinstance(v, (int, float))},
+        **{f"rewards/{k}": v for k, v in reward_stats.items() if k != "error_types"},
+        **({"reward_error_types": reward_stats["error_types"]} if reward_stats["error_types"] else {}),
         "frac_zero_std_groups": float(zero_std_groups(rewards, G).mean()),
         "completion_len_mean": float(lengths.mean()),
         "completion_len_max": int(lengths.max()),
@@ -201,7 +218,8 @@ def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
                   batch.response_mask[i:i + size], batch.prompt_len) for i in range(0, n, size)]
 
 
-def update(model, optimizer, batch: Batch, adv: mx.array, spec: LossSpec, cfg: TrainConfig) -> dict:
+def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array, spec: LossSpec,
+           cfg: TrainConfig) -> dict:
     """Old/ref log-probs, then `num_iterations` optimizer updates; returns per-token metrics.
 
     Each micro-batch's gradient is evaluated before the next one starts, so the peak holds one
@@ -217,13 +235,12 @@ def update(model, optimizer, batch: Batch, adv: mx.array, spec: LossSpec, cfg: T
     mx.eval(old, ref)
     num_tokens = batch.response_mask.sum()
     num_seqs = batch.tokens.shape[0]
-    loss_and_grad = nn.value_and_grad(model, objective)
     model.train()
     totals = {}
     for _ in range(cfg.num_iterations):
         grads = None
         for mb, a, (old_logp, _), ref_logp in zip(micro, advs, old, ref):
-            (loss, stats), g = loss_and_grad(model, mb, a, old_logp, ref_logp, spec, num_tokens, num_seqs)
+            (loss, stats), g = grad_fn(mb, a, old_logp, ref_logp, spec, num_tokens, num_seqs)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             stats["loss"] = loss
             totals = {k: totals.get(k, 0.0) + v for k, v in stats.items()}

@@ -309,7 +309,7 @@ def test_checker_counts_errors_with_their_type(hook_checker):
 
 def test_score_batch_routes_math_through_the_checker(hook_checker):
     total, per_reward, stats = score_batch(
-        [r"\boxed{4}", "hang", "raise"], ["4", "4", "4"], [("math", 2.0)], checker=hook_checker
+        [r"\boxed{4}", "hang", "raise"], ["4", "4", "4"], [("math", 2.0)], workers={"math": hook_checker}
     )
     np.testing.assert_array_equal(total, [2.0, 0.0, 0.0])
     assert stats["timeouts/math"] == 1 and stats["errors/math"] == 1

@@ -12,7 +12,7 @@ number, scores 0.0 for that item and is counted, never crashing the run.
 import importlib
 import math as _math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 
 import numpy as np
@@ -70,12 +70,13 @@ def score_batch(
     completions: Sequence[str],
     answers: Sequence[str],
     specs: Sequence[tuple[str, float]],
-    checker: MathChecker | None = None,
+    workers: Mapping[str, MathChecker] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
     """Weighted reward of each completion: `total[i] = sum_k weight_k * reward_k(completion_i, answer_i)`.
 
     completions, answers: N strings each. specs: (name, weight) pairs, names as in `resolve_reward`.
-    `math` is scored in `checker`'s worker when one is given (time-limited), else in-process.
+    A reward named in `workers` is scored in that worker process (time-limited: a hang scores 0 and
+    is counted), any other in-process.
     Returns total [N] float32, per_reward {name: [N] float32} (unweighted), and stats with, for every
     name, `errors/<name>` and `timeouts/<name>` counts, plus `error_types` {name: {type: count}}
     for the rewards that failed.
@@ -95,8 +96,8 @@ def score_batch(
     per_reward: dict[str, np.ndarray] = {}
     stats: dict = {"error_types": {}}
     for name, weight in specs:
-        if name == "math" and checker is not None:
-            scores, checked = checker.score(list(zip(completions, answers, strict=True)))
+        if workers and name in workers:
+            scores, checked = workers[name].score(list(zip(completions, answers, strict=True)))
             timeouts, error_types = checked["timeouts"], Counter(checked["error_types"])
         else:
             results = [
