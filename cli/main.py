@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 import mlx_oisd
+from cli import eval_cmd, export_cmd
 
 app = typer.Typer(
     name="oisd-mlx",
@@ -68,9 +69,79 @@ def train(
         run = run_training(cfg, resume=resume, show_progress=not quiet)
     except (ConfigError, ModelLoadError, DataError) as e:
         _fail(e)
-    typer.echo(f"done: {run.out_dir}\n  adapters: {run.out_dir / 'adapters'}\n"
-               f"  metrics:  {run.out_dir / 'metrics.jsonl'}")
+    from mlx_oisd.metrics import read_metrics, run_summary
 
+    out = run.out_dir
+    for key, v in run_summary(read_metrics(out / "metrics.jsonl")).items():
+        typer.echo(f"{key:>20}: {v['first']:.4g} (step {v['first_step']}) -> "
+                   f"{v['last']:.4g} (step {v['last_step']})")
+    typer.echo(f"adapters: {out / 'adapters'}\nmetrics:  {out / 'metrics.jsonl'}\n"
+               f"curves:   {out / 'curves.png'}")
+
+
+@app.command()
+def sft(
+    model: str = typer.Argument(..., help="Base model: Hub id, local folder or builtin:tiny."),
+    data: Path = typer.Argument(..., help="mlx-lm chat jsonl: {\"messages\": [...]} per line."),
+    out: Path = typer.Option(..., "--out", help="Output folder (adapters/ or a full model)."),
+    iters: int = typer.Option(200, "--iters", help="Optimizer steps."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    learning_rate: float = typer.Option(1e-4, "--learning-rate"),
+    lora_rank: int = typer.Option(16, "--lora-rank", help="0: full fine-tuning, writes a model folder."),
+    lora_scale: float = typer.Option(20.0, "--lora-scale"),
+    max_seq_length: int = typer.Option(2048, "--max-seq-length"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Supervised warm-up on chat data (loss on the last assistant turn), before RL.
+
+    Examples:
+
+      oisd-mlx sft Qwen/Qwen3-0.6B chats.jsonl --out runs/sft --iters 500
+
+      oisd-mlx sft builtin:tiny chats.jsonl --out runs/tiny-sft --lora-rank 0 --learning-rate 3e-3
+    """
+    from mlx_oisd.loading import ModelLoadError
+    from mlx_oisd.sft import SftDataError, read_chat_jsonl
+    from mlx_oisd.sft import sft as run_sft
+
+    lora = None if lora_rank == 0 else {"rank": lora_rank, "scale": lora_scale, "dropout": 0.0}
+    try:
+        path = run_sft(model, read_chat_jsonl(data), out, iters, batch_size, learning_rate, lora,
+                       max_seq_length=max_seq_length, seed=seed)
+    except (SftDataError, ModelLoadError) as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def plot(
+    metrics: list[Path] = typer.Argument(..., help="metrics.jsonl files (one line each)."),
+    out: Path = typer.Option(Path("curves.png"), "--out", help="PNG to write."),
+    label: list[str] = typer.Option([], "--label", help="Legend label per file (default: run folder)."),
+):
+    """Plot training curves (reward, JS terms, length, KL, entropy) of one or more runs.
+
+    Examples:
+
+      oisd-mlx plot runs/demo/metrics.jsonl --out demo.png
+
+      oisd-mlx plot runs/grpo/metrics.jsonl runs/oisd/metrics.jsonl --label grpo --label oisd
+    """
+    from mlx_oisd.plot import plot_metrics
+
+    missing = [str(p) for p in metrics if not p.is_file()]
+    if missing:
+        _fail(FileNotFoundError(f"no such metrics file: {', '.join(missing)}"))
+    if label and len(label) != len(metrics):
+        _fail(ValueError(f"{len(label)} --label for {len(metrics)} files"))
+    try:
+        typer.echo(plot_metrics(metrics, out, labels=label or None))
+    except ValueError as e:
+        _fail(e)
+
+
+eval_cmd.register(app)
+export_cmd.register(app)
 
 if __name__ == "__main__":
     app()

@@ -125,6 +125,11 @@ class TrainConfig:
     reward_timeout: float = 10.0  # seconds per item for math and user rewards (a hang scores 0)
     loss_chunk_size: int = 1024  # response rows per chunk of the logit/JS loss
     compile: bool = False  # mx.compile the gradient step (P and C padded to multiples of 32)
+    # held-out evaluation: accuracy (math reward) of sampled completions on `eval_split`
+    eval_split: str | None = None  # e.g. "test"; None: no evaluation
+    eval_samples: int = 200  # first N problems of eval_split
+    eval_k: int = 1  # completions per problem (Avg@k)
+    eval_every: int = 0  # also every N steps; 0: before and after training only
     # bookkeeping
     save_every: int = 50  # 0: save only at the end
     seed: int = 0
@@ -179,6 +184,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rewards[].name": _NON_EMPTY,
     "loss_chunk_size": _at_least(1),
     "reward_timeout": _POSITIVE,
+    "eval_samples": _at_least(1),
+    "eval_k": _at_least(1),
+    "eval_every": _at_least(0),
     "save_every": _at_least(0),
 }
 

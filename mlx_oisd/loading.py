@@ -113,5 +113,10 @@ def load(path_or_repo: str | Path, adapter_path: str | Path | None = None, lazy:
     folder applied on top. Returns (model, tokenizer), the tokenizer being mlx-lm's wrapper.
     """
     model, model_path = load_model(path_or_repo, adapter_path, lazy)
-    eos = load_config(model_path).get("eos_token_id")  # generation_config.json's, as mlx-lm
-    return model, load_tokenizer(model_path, eos_token_ids=eos)
+    return model, tokenizer_for(model_path)
+
+
+def tokenizer_for(model_path: Path):
+    """mlx-lm's tokenizer wrapper for a model folder, with generation_config.json's EOS ids."""
+    eos = load_config(model_path).get("eos_token_id")
+    return load_tokenizer(model_path, eos_token_ids=eos)

@@ -23,6 +23,17 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
+def run_summary(records: list[dict]) -> dict:
+    """First and last values of the headline metrics of a run (for the end-of-run report)."""
+    out = {}
+    for key in ("eval_accuracy", "reward", "js_logit", "js_attn", "completion_len_mean"):
+        values = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if values:
+            out[key] = {"first": values[0][1], "last": values[-1][1],
+                        "first_step": values[0][0], "last_step": values[-1][0]}
+    return out
+
+
 class MetricsWriter:
     """Appends one JSON object per step to `path` and shows a progress bar.
 
@@ -37,7 +48,7 @@ class MetricsWriter:
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not show, unit="step",
                         dynamic_ncols=True)
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, advance: bool = True) -> None:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}
         with open(self.path, "a") as f:
@@ -46,7 +57,8 @@ class MetricsWriter:
             os.fsync(f.fileno())
         self.bar.set_postfix({label: f"{record[k]:.3g}" for k, label in BAR_KEYS.items()
                               if isinstance(record.get(k), (int, float))})
-        self.bar.update(1)
+        if advance:
+            self.bar.update(1)
 
     def print(self, text: str) -> None:
         self.bar.write(text)

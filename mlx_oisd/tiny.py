@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .io import atomic_write, write_json
 from .models.qwen3 import Model, ModelArgs
@@ -38,6 +38,12 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
+# Qwen2/3's pre-tokenizer pattern: among others, every digit is its own token.
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # Text the BPE merges are learned from when a vocabulary larger than the byte alphabet is asked.
 DEFAULT_CORPUS = [
     "What is 12 + 35? Please reason step by step, and put your final answer within \\boxed{}.",
@@ -58,19 +64,25 @@ class TinySpec:
     head_dim: int = 16
     tie_word_embeddings: bool = True
     tokenizer_vocab: int = 256 + len(SPECIAL_TOKENS)
+    added_tokens: tuple[str, ...] = ()  # strings that become single (non-special) tokens
     vocab_size: int | None = None
     init_std: float = 0.02
     seed: int = 0
 
 
-def build_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> Tokenizer:
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None,
+                    added_tokens: tuple[str, ...] = ()) -> Tokenizer:
     """Byte-level BPE (every byte a token, as Qwen's) with Qwen3's special tokens; merges are
-    learned from `corpus` until the vocabulary has `vocab_size` entries."""
+    learned from `corpus` until the vocabulary has `vocab_size` entries, then `added_tokens`
+    (whole strings, such as a prompt's fixed instruction) are appended as single tokens."""
     min_size = 256 + len(SPECIAL_TOKENS)
     if vocab_size < min_size:
         raise ValueError(f"tokenizer_vocab must be >= {min_size} (bytes + special tokens)")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -79,6 +91,7 @@ def build_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> Tokeniz
         show_progress=False,
     )
     tok.train_from_iterator(corpus or DEFAULT_CORPUS, trainer=trainer)
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in added_tokens])
     return tok
 
 
@@ -139,7 +152,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec(), corpus=No
     """Write a random tiny Qwen3 + tokenizer into `out_dir` and return it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(spec.tokenizer_vocab, corpus)
+    tok = build_tokenizer(spec.tokenizer_vocab, corpus, spec.added_tokens)
     vocab_size = spec.vocab_size or tok.get_vocab_size()
     if vocab_size < tok.get_vocab_size():
         raise ValueError(f"vocab_size {vocab_size} < tokenizer size {tok.get_vocab_size()}")
@@ -159,7 +172,18 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec(), corpus=No
     return out_dir
 
 
-BUILTIN_SPECS = {"tiny": TinySpec()}
+def _build_tiny_arith(path: Path) -> Path:
+    from .demo import build_tiny_arith
+
+    print(f"building builtin:tiny-arith into {path} (first use only: a short supervised warm-up)")
+    return build_tiny_arith(path)
+
+
+# name -> builder(path): `builtin:NAME` models, built on first use and cached.
+BUILTIN_MODELS = {
+    "tiny": lambda path: build_tiny_model(path, TinySpec()),
+    "tiny-arith": _build_tiny_arith,
+}
 
 
 def cache_dir() -> Path:
@@ -171,12 +195,13 @@ def cache_dir() -> Path:
 
 def builtin_model_path(name: str) -> Path:
     """Folder of built-in model `name`, built on first use."""
-    if name not in BUILTIN_SPECS:
+    if name not in BUILTIN_MODELS:
         raise ValueError(
             f"unknown built-in model 'builtin:{name}'; expected one of "
-            + ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_SPECS))
+            + ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_MODELS))
         )
     path = cache_dir() / "models" / name
     if not (path / "config.json").is_file():
-        build_tiny_model(path, BUILTIN_SPECS[name])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        BUILTIN_MODELS[name](path)
     return path

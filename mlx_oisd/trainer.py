@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+import yaml
 from mlx.utils import tree_map
 
 from .advantages import group_advantages, keep_rows, zero_std_groups
@@ -28,8 +29,10 @@ from .data.sampler import PromptSampler
 from .data.sources import load_examples
 from .loading import load
 from .lora import adapters_disabled, apply_lora, lora_parameters
+from .evaluate import avg_at_k
 from .metrics import MetricsWriter
 from .objective import LossSpec, ObjectiveGrad, policy_logprobs
+from .plot import plot_metrics
 from .rewards import MathChecker, resolve_reward, score_batch
 from .rewards.math import DEFAULT_SCORE_FN
 from .rollout import Batch, pack, sample
@@ -42,6 +45,7 @@ class Run:
     tokenizer: object
     optimizer: optim.Optimizer
     examples: list
+    eval_examples: list  # held-out problems ([] when eval_split is None)
     sampler: PromptSampler
     workers: dict[str, MathChecker]  # reward name -> its time-limited worker process
     spec: LossSpec
@@ -100,10 +104,12 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
         apply_lora(model, lora.num_layers, lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys))
     d = cfg.dataset
     examples = load_examples(d.source, d.split, d.config, d.prompt_field, d.answer_field, d.max_samples)
+    eval_examples = [] if cfg.eval_split is None else load_examples(
+        d.source, cfg.eval_split, d.config, d.prompt_field, d.answer_field, cfg.eval_samples)
     run = Run(
         cfg=cfg, model=model, tokenizer=tokenizer,
         optimizer=optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay),
-        examples=examples, sampler=PromptSampler(len(examples), cfg.batch_size, cfg.seed),
+        examples=examples, eval_examples=eval_examples, sampler=PromptSampler(len(examples), cfg.batch_size, cfg.seed),
         workers=reward_workers(cfg), spec=loss_spec(cfg), grad_fn=ObjectiveGrad(model, cfg.compile),
         out_dir=out_dir,
     )
@@ -128,8 +134,13 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     run = setup(cfg, resume)
     writer = MetricsWriter(run.out_dir / "metrics.jsonl", cfg.max_steps, run.start_step, show_progress)
     try:
+        if run.eval_examples and run.start_step == 0:
+            writer.write({"step": 0, "eval_accuracy": evaluate(run)}, advance=False)
         for step in range(run.start_step + 1, cfg.max_steps + 1):
             record = train_step(run, step)
+            if run.eval_examples and (step == cfg.max_steps or
+                                      (cfg.eval_every and step % cfg.eval_every == 0)):
+                record["eval_accuracy"] = evaluate(run)
             writer.write(record)
             if failed := record.get("reward_error_types"):
                 writer.print(f"step {step}: failing rewards scored 0: {failed}")
@@ -142,15 +153,26 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     return run
 
 
+def evaluate(run: Run) -> float:
+    """Held-out Avg@k of the acting policy at the training temperature."""
+    cfg = run.cfg
+    run.model.eval()
+    mx.random.seed(cfg.seed + 7)  # the same eval samples' randomness before and after training
+    acc, _ = avg_at_k(run.model, run.tokenizer, run.eval_examples, cfg.eval_k,
+                      cfg.max_completion_length, cfg.temperature, cfg.top_p,
+                      cfg.dataset.system_prompt, cfg.enable_thinking, run.workers.get("math"))
+    return acc
+
+
 def save(run: Run, step: int) -> Path:
     lora = run.cfg.lora
     params = None if lora is None else lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys)
-    import yaml
-
-    return save_checkpoint(run.out_dir, step, run.model, run.optimizer,
+    path = save_checkpoint(run.out_dir, step, run.model, run.optimizer,
                            {"sampler": run.sampler.state_dict()},
                            yaml.safe_dump(to_dict(run.cfg), sort_keys=False),
                            -1 if lora is None else lora.num_layers, params)
+    plot_metrics([run.out_dir / "metrics.jsonl"], run.out_dir / "curves.png")
+    return path
 
 
 def train_step(run: Run, step: int) -> dict:

@@ -72,7 +72,7 @@ def test_unreachable_hub_id_is_a_clear_error():
 
 
 def test_unknown_builtin():
-    with pytest.raises(ValueError, match="expected one of builtin:tiny"):
+    with pytest.raises(ValueError, match="expected one of builtin:tiny, builtin:tiny-arith"):
         load("builtin:huge")
 
 
