@@ -1,5 +1,56 @@
-"""Commands registered on the `oisd-mlx` app (see cli/main.py)."""
+"""`oisd-mlx export`: a trained adapter folder as PEFT, a fused model or mlx-lm, optionally pushed."""
+
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+
+class ExportFormat(StrEnum):
+    peft = "peft"
+    fused = "fused"
+    mlx = "mlx"
+
+
+def export(
+    adapter_dir: Path = typer.Argument(..., help="mlx-lm adapter folder, e.g. runs/X/adapters."),
+    fmt: ExportFormat = typer.Option(..., "--format", help="peft: Hugging Face PEFT LoRA adapter; "
+                                     "fused: base + adapters merged, HF safetensors, unquantized; "
+                                     "mlx: the mlx-lm adapter folder."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (created if needed)."),
+    base: str = typer.Option(None, "--base", help="Base model (Hub id or folder); default: "
+                             "`model` in the run's config.yaml next to the adapters."),
+    push_to_hub: str = typer.Option(None, "--push-to-hub", help="Upload the folder to this Hub "
+                                    "repo (owner/name), created if needed."),
+):
+    """Export trained adapters as a PEFT adapter, a fused model or an mlx-lm adapter folder.
+
+    Writes a README.md model card (base model, OISD settings, eval.json results) in every format.
+
+    Examples:
+
+      oisd-mlx export runs/qwen3-0.6b-oisd/adapters --format peft --out exports/peft
+
+      oisd-mlx export runs/qwen3-0.6b-oisd/adapters --format fused --out exports/fused
+
+      oisd-mlx export runs/demo/adapters --format mlx --out exports/mlx --base builtin:tiny
+
+      oisd-mlx export runs/qwen3-0.6b-oisd/adapters --format peft --out exports/peft --push-to-hub me/qwen3-0.6b-oisd
+    """
+    from mlx_oisd.export import ExportError
+    from mlx_oisd.export import export as run_export
+    from mlx_oisd.loading import ModelLoadError
+
+    try:
+        path = run_export(adapter_dir, fmt.value, out, base=base, push_to_hub_repo=push_to_hub)
+    except (ExportError, ModelLoadError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path}")
+    if push_to_hub:
+        typer.echo(f"pushed to https://huggingface.co/{push_to_hub}")
 
 
 def register(app):
     """Add this module's commands to `app`."""
+    app.command("export")(export)

@@ -1,16 +1,134 @@
-"""Held-out accuracy: k sampled completions per problem from the acting policy, scored by `math`.
+"""Held-out accuracy: n sampled completions per problem from the acting policy, scored by `math`.
 
-    Avg@k = mean over problems of (correct completions / k)
+    Avg@n  = mean over problems of c / n
+    Pass@k = mean over problems of 1 - C(n - c, k) / C(n, k)      (k <= n)
 
-Sampling goes through `rollout.sample` (all rows of a chunk decode together), so evaluation sees
-exactly the policy that training optimises.
+with c the problem's number of correct completions among its n samples. Pass@k is the unbiased
+estimator of Chen et al. 2021 (Codex), computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never
+forms the huge binomial coefficients. Benchmarks are averaged with equal weight (macro mean).
+
+`lens@l` is the greedy accuracy of block l's logit-lens policy (`lens.lens_generate`: every next
+token is argmax W_U · N_L(h^l)): how much of the task the lower layers solve on their own, which is
+what OISD's alignment term pushes up. Sampling goes through `rollout.sample` (all rows of a chunk
+decode together), so evaluation sees exactly the policy that training optimises; scoring goes
+through a `MathChecker` worker when one is given (time-limited: a hang scores 0 and is counted).
+
+Benchmarks by name (`BENCHMARKS`) are public Hub datasets read through `data.sources.load_examples`
+(Hub cache, offline fallback), or local copies `NAME.jsonl` in a folder; their field names agree
+with `rewards.benchmarks.BENCHMARK_FIELDS` (amc23's "question" equals the local file's "problem").
 """
 
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import mlx.core as mx
 import numpy as np
 
 from .data.prompts import render_prompt
+from .data.sources import DataError, Example, load_examples
+from .lens import lens_generate
 from .rewards import MathChecker, score_batch
 from .rollout import sample
+
+
+class Benchmark(NamedTuple):
+    repo: str  # Hugging Face Hub dataset id
+    config: str | None
+    split: str
+    prompt_field: str
+    answer_field: str
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "math500": Benchmark("HuggingFaceH4/MATH-500", None, "test", "problem", "answer"),
+    "aime24": Benchmark("HuggingFaceH4/aime_2024", None, "train", "problem", "answer"),
+    "aime25": Benchmark("math-ai/aime25", None, "test", "problem", "answer"),
+    "amc23": Benchmark("math-ai/amc23", None, "test", "question", "answer"),
+    "gsm8k": Benchmark("openai/gsm8k", "main", "test", "question", "answer"),
+}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased Pass@k of one problem with c correct among n samples: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: expected 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def summarize(correct: np.ndarray, ks: Sequence[int]) -> dict:
+    """Avg@n and Pass@k (each k <= n of `ks`; larger ones are skipped) of a benchmark.
+
+    correct [P, n]: 1 where sample j of problem i is correct. Returns {"problems": P,
+    "samples": n, "avg@n": ..., "pass@k": ...}, fractions in [0, 1].
+    """
+    correct = np.asarray(correct) > 0.5  # [P, n]
+    if correct.ndim != 2 or correct.size == 0:
+        raise ValueError(f"summarize: expected a non-empty [problems, samples] array, "
+                         f"got shape {correct.shape}")
+    P, n = correct.shape
+    counts = correct.sum(axis=1)  # [P]
+    out = {"problems": P, "samples": n, f"avg@{n}": float(correct.mean())}
+    for k in sorted({int(k) for k in ks if 1 <= k <= n}):
+        out[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in counts]))
+    return out
+
+
+def load_benchmark(name: str, limit: int | None = None,
+                   benchmark_dir: str | Path | None = None) -> list[Example]:
+    """The first `limit` problems of benchmark `name` (see `BENCHMARKS`), from the Hub or, with
+    `benchmark_dir`, from its local copy `benchmark_dir/NAME.jsonl` (or `.parquet`)."""
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)} "
+                        "(or a local file with --data)")
+    b = BENCHMARKS[name]
+    if benchmark_dir is None:
+        return load_examples(b.repo, b.split, b.config, b.prompt_field, b.answer_field, limit)
+    folder = Path(benchmark_dir).expanduser()
+    files = [folder / f"{name}{suffix}" for suffix in (".jsonl", ".parquet")]
+    path = next((f for f in files if f.is_file()), None)
+    if path is None:
+        raise DataError(f"benchmark {name!r}: no {files[0].name} or {files[1].name} in {folder}")
+    return load_examples(str(path), prompt_field=b.prompt_field, answer_field=b.answer_field,
+                         max_samples=limit)
+
+
+def _score(texts: list[str], answers: list[str], checker: MathChecker | None):
+    """math reward of each text [N], and the errors + timeouts count."""
+    workers = {"math": checker} if checker is not None else None
+    correct, _, stats = score_batch(texts, answers, [("math", 1.0)], workers)
+    return correct, stats["errors/math"] + stats["timeouts/math"]
+
+
+def sample_correct(model, tokenizer, examples, n: int, max_tokens: int, temperature: float = 1.0,
+                   top_p: float = 1.0, system_prompt: str | None = None,
+                   enable_thinking: bool = False, checker: MathChecker | None = None,
+                   prompts_per_chunk: int = 64, sampler: Callable | None = None):
+    """Sample n completions per example and score them.
+
+    Returns correct [P, n] float32 (row i: the n samples of example i) and info {"tokens": total
+    completion tokens, "truncated": completions cut by max_tokens, "failed": reward errors and
+    timeouts}. `sampler` (default `rollout.sample`, same signature) is a test hook.
+    """
+    sampler = sampler or sample
+    rows, info = [], {"tokens": 0, "truncated": 0, "failed": 0}
+    for start in range(0, len(examples), prompts_per_chunk):
+        chunk = examples[start:start + prompts_per_chunk]
+        prompts = [render_prompt(tokenizer, ex.prompt, system_prompt, enable_thinking)
+                   for ex in chunk]
+        rollout = sampler(model, prompts, n, max_tokens, tokenizer.eos_token_ids, temperature,
+                          top_p)
+        texts = [tokenizer.decode(c) for c in rollout.completions]
+        correct, failed = _score(texts, [ex.answer for ex in chunk for _ in range(n)], checker)
+        rows.append(correct.reshape(len(chunk), n))  # [B*n] -> [B, n]
+        info["tokens"] += sum(len(c) for c in rollout.completions)
+        info["truncated"] += sum(rollout.truncated)
+        info["failed"] += failed
+    correct = np.concatenate(rows) if rows else np.zeros((0, n), dtype=np.float32)
+    return correct, info
 
 
 def avg_at_k(model, tokenizer, examples, k: int = 1, max_tokens: int = 256,
@@ -18,15 +136,99 @@ def avg_at_k(model, tokenizer, examples, k: int = 1, max_tokens: int = 256,
              enable_thinking: bool = False, checker: MathChecker | None = None,
              prompts_per_chunk: int = 64) -> tuple[float, np.ndarray]:
     """Avg@k of `examples` (each with .prompt, .answer); returns (avg, per-problem accuracy [n])."""
-    per_problem = []
+    correct, _ = sample_correct(model, tokenizer, examples, k, max_tokens, temperature, top_p,
+                                system_prompt, enable_thinking, checker, prompts_per_chunk)
+    acc = correct.mean(axis=1) if len(correct) else np.zeros(0)
+    return float(acc.mean()) if len(acc) else 0.0, acc
+
+
+def lens_correct(model, tokenizer, examples, layer: int, max_tokens: int,
+                 system_prompt: str | None = None, enable_thinking: bool = False,
+                 checker: MathChecker | None = None, prompts_per_chunk: int = 64):
+    """Greedy completions of block `layer`'s lens policy, scored: correct [P] and info as in
+    `sample_correct`."""
+    eos = sorted(tokenizer.eos_token_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, info = [], {"tokens": 0, "truncated": 0, "failed": 0}
     for start in range(0, len(examples), prompts_per_chunk):
         chunk = examples[start:start + prompts_per_chunk]
-        prompts = [render_prompt(tokenizer, ex.prompt, system_prompt, enable_thinking) for ex in chunk]
-        rollout = sample(model, prompts, k, max_tokens, tokenizer.eos_token_ids, temperature, top_p)
-        texts = [tokenizer.decode(c) for c in rollout.completions]
-        answers = [ex.answer for ex in chunk for _ in range(k)]
-        workers = {"math": checker} if checker is not None else None
-        correct, _, _ = score_batch(texts, answers, [("math", 1.0)], workers)
-        per_problem.append(correct.reshape(len(chunk), k).mean(axis=1))
-    acc = np.concatenate(per_problem) if per_problem else np.zeros(0)
-    return float(acc.mean()) if len(acc) else 0.0, acc
+        prompts = [render_prompt(tokenizer, ex.prompt, system_prompt, enable_thinking)
+                   for ex in chunk]
+        completions = lens_generate(model, prompts, layer, max_tokens, eos, pad)
+        correct, failed = _score([tokenizer.decode(c) for c in completions],
+                                 [ex.answer for ex in chunk], checker)
+        rows.append(correct)
+        info["tokens"] += sum(len(c) for c in completions)
+        info["truncated"] += sum(not c or c[-1] not in eos for c in completions)
+        info["failed"] += failed
+    return np.concatenate(rows), info
+
+
+def evaluate_benchmarks(model, tokenizer, benchmarks: dict[str, list[Example]], n: int = 8,
+                        ks: Sequence[int] = (1,), max_tokens: int = 4096,
+                        temperature: float = 0.6, top_p: float = 0.95,
+                        system_prompt: str | None = None, enable_thinking: bool = False,
+                        checker: MathChecker | None = None, layer: int | None = None,
+                        rows_per_chunk: int = 64, seed: int = 0,
+                        progress: Callable[[str], None] | None = None) -> dict:
+    """Avg@n, Pass@k (and lens@layer) of every benchmark, and their mean over benchmarks.
+
+    benchmarks: name -> examples. rows_per_chunk: sequences decoding together (n per problem).
+    Returns {"benchmarks": {name: {"problems", "samples", "avg@n", "pass@k"..., "lens@l",
+    "completion_tokens_mean", "truncated_frac", "reward_failures", "correct_counts": [P]}},
+    "mean": {metric: macro mean over benchmarks}}.
+    """
+    if n < 1:
+        raise ValueError(f"n (samples per problem) must be >= 1, got {n}")
+    model.eval()
+    per_chunk = max(1, rows_per_chunk // n)
+    results = {}
+    for name, examples in benchmarks.items():
+        t0 = time.perf_counter()
+        mx.random.seed(seed)  # a benchmark's samples do not depend on which ran before it
+        correct, info = sample_correct(model, tokenizer, examples, n, max_tokens, temperature,
+                                       top_p, system_prompt, enable_thinking, checker, per_chunk)
+        res = summarize(correct, ks)
+        res["completion_tokens_mean"] = info["tokens"] / correct.size
+        res["truncated_frac"] = info["truncated"] / correct.size
+        res["reward_failures"] = info["failed"]
+        res["correct_counts"] = correct.sum(axis=1).astype(int).tolist()
+        if layer is not None:
+            lens_ok, lens_info = lens_correct(model, tokenizer, examples, layer, max_tokens,
+                                              system_prompt, enable_thinking, checker,
+                                              rows_per_chunk)
+            res[f"lens@{layer}"] = float(lens_ok.mean())
+            res["reward_failures"] += lens_info["failed"]
+        results[name] = res
+        if progress:
+            progress(f"{name}: {len(examples)} problems x {n} samples in "
+                     f"{time.perf_counter() - t0:.1f} s, avg@{n} {res[f'avg@{n}']:.3f}")
+    metrics = [k for k in next(iter(results.values())) if "@" in k] if results else []
+    mean = {k: float(np.mean([r[k] for r in results.values() if k in r])) for k in metrics}
+    return {"benchmarks": results, "mean": mean}
+
+
+def format_results(results: dict) -> str:
+    """Plain-text table: rows = metrics (in %), columns = benchmarks (and their mean)."""
+    benches = results["benchmarks"]
+    columns = list(benches) + (["mean"] if len(benches) > 1 else [])
+    first = next(iter(benches.values()))
+    metrics = [k for k in first if "@" in k]
+    width = max(8, *(len(c) for c in columns))
+
+    def line(name: str, cells: list[str]) -> str:
+        return f"{name:<12}" + "".join(f"{c:>{width + 2}}" for c in cells)
+
+    def col(c: str) -> dict:
+        return results["mean"] if c == "mean" else benches[c]
+
+    lines = [line("metric (%)", columns),
+             line("problems", [str(benches[c]["problems"]) if c != "mean" else
+                               str(sum(b["problems"] for b in benches.values())) for c in columns])]
+    for m in metrics:
+        lines.append(line(m, [f"{100 * col(c)[m]:.1f}" if m in col(c) else "-" for c in columns]))
+    lines.append(line("tokens", [f"{benches[c]['completion_tokens_mean']:.0f}" if c != "mean"
+                                 else "" for c in columns]))
+    lines.append(line("truncated", [f"{100 * benches[c]['truncated_frac']:.1f}" if c != "mean"
+                                    else "" for c in columns]))
+    return "\n".join(lines)

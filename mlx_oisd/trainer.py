@@ -27,9 +27,9 @@ from .config import ConfigError, TrainConfig, save_config, to_dict
 from .data.prompts import render_prompt
 from .data.sampler import PromptSampler
 from .data.sources import load_examples
+from .evaluate import avg_at_k
 from .loading import load
 from .lora import adapters_disabled, apply_lora, lora_parameters
-from .evaluate import avg_at_k
 from .metrics import MetricsWriter
 from .objective import LossSpec, ObjectiveGrad, policy_logprobs
 from .plot import plot_metrics

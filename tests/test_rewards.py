@@ -48,11 +48,12 @@ def _nan(completion, answer):
 
 
 def _checker_hook(completion, answer):
+    """Hangs, raises, or answers at once (no sympy: a loaded CI machine must not time it out)."""
     if completion == "hang":
         time.sleep(3600)
     if completion == "raise":
         raise ZeroDivisionError("from the hook")
-    return math_reward(completion, answer)
+    return float(extract_answer(completion) == answer)
 
 
 NOT_CALLABLE = 3
@@ -285,7 +286,7 @@ def test_score_batch_rejects_bad_input_before_scoring():
 
 @pytest.fixture(scope="module")
 def hook_checker():
-    with MathChecker(timeout_s=1.0, score_fn=f"{__name__}:_checker_hook") as checker:
+    with MathChecker(timeout_s=2.0, score_fn=f"{__name__}:_checker_hook") as checker:
         yield checker
 
 
@@ -297,7 +298,7 @@ def test_checker_timeout_scores_zero_and_restarts_the_worker(hook_checker):
     assert stats == {"timeouts": 1, "errors": 0, "error_types": {}}
     assert hook_checker.timeouts == before + 1
     assert time.monotonic() - start < 60
-    scores, stats = hook_checker.score([(r"\boxed{\frac{1}{2}}", "0.5")])  # still serving
+    scores, stats = hook_checker.score([(r"\boxed{12}", "12")])  # still serving
     assert scores == [1.0] and stats["timeouts"] == 0
 
 
