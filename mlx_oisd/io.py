@@ -40,3 +40,18 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | Path, error: type[Exception] = ValueError):
+    """Yield (where, row) for each non-blank line of a jsonl file, `where` naming the file and
+    line ("line 3 of data.jsonl") for the caller's own errors; invalid JSON raises `error`."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"line {lineno} of {path}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None

@@ -16,7 +16,6 @@ block l", reported as lens@l by evaluate.py). It is for evaluation only: rollout
 from a lens.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from .data.prompts import render_prompt
 from .data.sources import DataError
-from .io import atomic_write
+from .io import atomic_write, read_jsonl
 from .models.qwen3 import Internals, padding_attention_mask
 
 
@@ -177,14 +176,7 @@ def read_completions(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"completions file {str(path)!r} does not exist")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"line {lineno} of {path}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+    for where, row in read_jsonl(path, DataError):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in
                                                 ("prompt", "completion")):
             raise DataError(f"{where}: expected an object with string fields 'prompt' and "

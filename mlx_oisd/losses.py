@@ -195,19 +195,7 @@ def token_logprobs(
     Returns:
         logp [B, T], not masked.
     """
-    B, T, D = h.shape
-
-    def chunk_logprobs(params, h_rows, target_rows):
-        logits = readout(params, h_rows).astype(mx.float32) / temperature  # [n, V]
-        # Indices are not differentiable; mx.checkpoint's VJP covers every argument.
-        idx = mx.stop_gradient(target_rows)[:, None]  # [n, 1]
-        picked = mx.take_along_axis(logits, idx, axis=-1)[:, 0]  # [n]
-        return picked - mx.logsumexp(logits, axis=-1)
-
-    rows = _map_row_chunks(
-        chunk_logprobs, params, (h.reshape(B * T, D), targets.reshape(B * T)), chunk_size
-    )  # [B*T]
-    return rows.reshape(B, T)
+    return _token_stats(h, targets, readout, params, temperature, chunk_size, entropy=False)[0]
 
 
 def token_logprobs_entropy(
@@ -223,19 +211,27 @@ def token_logprobs_entropy(
 
     Args: as ``token_logprobs``. Returns: logp [B, T] and entropy [B, T] in nats, not masked.
     """
+    return _token_stats(h, targets, readout, params, temperature, chunk_size, entropy=True)
+
+
+def _token_stats(h, targets, readout, params, temperature, chunk_size, entropy):
+    """[logp] or [logp, entropy], each [B, T], from one chunked pass (see token_logprobs)."""
     B, T, D = h.shape
 
     def chunk_stats(params, h_rows, target_rows):
         logits = readout(params, h_rows).astype(mx.float32) / temperature  # [n, V]
-        logq = _log_softmax(logits)
-        picked = mx.take_along_axis(logq, target_rows[:, None], axis=-1)[:, 0]  # [n]
-        entropy = -(mx.exp(logq) * logq).sum(axis=-1)  # [n]
-        return mx.stack([picked, entropy], axis=-1)  # [n, 2]
+        logq = _log_softmax(logits)  # [n, V]
+        # Indices are not differentiable; mx.checkpoint's VJP covers every argument.
+        idx = mx.stop_gradient(target_rows)[:, None]  # [n, 1]
+        columns = [mx.take_along_axis(logq, idx, axis=-1)[:, 0]]  # [n]
+        if entropy:
+            columns.append(-(mx.exp(logq) * logq).sum(axis=-1))
+        return mx.stack(columns, axis=-1)  # [n, 1 or 2]
 
     rows = _map_row_chunks(
         chunk_stats, params, (h.reshape(B * T, D), targets.reshape(B * T)), chunk_size
-    )  # [B*T, 2]
-    return rows[:, 0].reshape(B, T), rows[:, 1].reshape(B, T)
+    )  # [B*T, 1 or 2]
+    return [rows[:, i].reshape(B, T) for i in range(rows.shape[1])]
 
 
 def lens_js_loss(

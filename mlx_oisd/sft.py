@@ -20,7 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .io import atomic_write, write_json
+from .io import atomic_write, read_jsonl, write_json
 from .loading import load_model, tokenizer_for
 from .lora import apply_lora, save_adapters
 
@@ -38,22 +38,16 @@ def read_chat_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise SftDataError(f"chat data {str(path)!r} does not exist (expected a .jsonl file)")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SftDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, row in read_jsonl(path, SftDataError):
         messages = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages
         ):
-            raise SftDataError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": ..., \"content\": "
+            raise SftDataError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": "
                                "...}, ...]}} with string roles and contents")
         if messages[-1]["role"] != "assistant":
-            raise SftDataError(f"{path}:{n}: the last message must be the assistant's (the target)")
+            raise SftDataError(f"{where}: the last message must be the assistant's (the target)")
         rows.append(row)
     if not rows:
         raise SftDataError(f"{path}: no rows")

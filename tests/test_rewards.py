@@ -347,13 +347,13 @@ def test_load_benchmark_rows_errors_name_file_line_and_field(tmp_path):
         + json.dumps({"problem": "x"})
         + "\n"
     )
-    with pytest.raises(ValueError, match=re.escape(f"{path}:3: missing field 'answer'")):
+    with pytest.raises(ValueError, match=re.escape(f"line 3 of {path}: missing field 'answer'")):
         load_benchmark_rows(path, "math500")
     path.write_text('{"question": "q", "answer": "#### 4"}\n{broken\n')
-    with pytest.raises(ValueError, match=re.escape(f"{path}:2: invalid JSON")):
+    with pytest.raises(ValueError, match=re.escape(f"line 2 of {path}: invalid JSON")):
         load_benchmark_rows(path, "gsm8k")
     path.write_text('{"question": "q", "answer": "no hashes"}\n')
-    with pytest.raises(ValueError, match=re.escape(f"{path}:1: field 'answer'")):
+    with pytest.raises(ValueError, match=re.escape(f"line 1 of {path}: field 'answer'")):
         load_benchmark_rows(path, "gsm8k")
     with pytest.raises(ValueError, match="benchmark 'mmlu': expected one of math500"):
         load_benchmark_rows(path, "mmlu")

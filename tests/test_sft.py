@@ -42,8 +42,8 @@ def test_warm_up_learns_the_answers(make_tiny, tmp_path, lora):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("{not json", r":1: not valid JSON"),
-    (json.dumps({"text": "hi"}), r":1: expected {\"messages\""),
+    ("{not json", r"line 1 of .*: invalid JSON"),
+    (json.dumps({"text": "hi"}), r"line 1 of .*: expected {\"messages\""),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "last message must be the assistant"),
 ])
 def test_bad_chat_rows_name_the_line(tmp_path, line, message):

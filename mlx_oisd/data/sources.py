@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 
+from ..io import read_jsonl
 from ..rewards.extract import extract_answer, gsm8k_gold
 
 BUILTIN_PREFIX = "builtin:"
@@ -88,18 +89,8 @@ def _example(row, where: str, prompt_field: str, answer_field: str) -> Example:
 
 
 def _read_jsonl(path: Path, prompt_field: str, answer_field: str) -> list[Example]:
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"line {lineno} of {path}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-            examples.append(_example(row, where, prompt_field, answer_field))
-    return examples
+    return [_example(row, where, prompt_field, answer_field)
+            for where, row in read_jsonl(path, DataError)]
 
 
 def _read_json(path: Path, prompt_field: str, answer_field: str) -> list[Example]:

@@ -8,10 +8,10 @@
 | gsm8k   | question     | answer       | the solution; `gsm8k_gold` takes the `####`   |
 """
 
-import json
 from numbers import Real
 from pathlib import Path
 
+from ..io import read_jsonl
 from .extract import gsm8k_gold
 
 BENCHMARK_FIELDS = {
@@ -44,28 +44,20 @@ def load_benchmark_rows(path: str | Path, name: str) -> list[dict]:
         raise FileNotFoundError(f"benchmark {name!r}: no file {path}")
     prompt_field, answer_field = BENCHMARK_FIELDS[name]
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for field in (prompt_field, answer_field):
-                if field not in record:
-                    raise ValueError(
-                        f"{where}: missing field {field!r} for benchmark {name!r} "
-                        f"(row has {', '.join(sorted(record)) or 'no fields'})"
-                    )
-            if not isinstance(record[prompt_field], str) or not record[prompt_field].strip():
-                raise ValueError(f"{where}: field {prompt_field!r} is not a non-empty string")
-            try:
-                answer = _gold(name, record[answer_field])
-            except ValueError as e:
-                raise ValueError(f"{where}: field {answer_field!r}: {e}") from None
-            rows.append({"prompt": record[prompt_field], "answer": answer})
+    for where, record in read_jsonl(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for field in (prompt_field, answer_field):
+            if field not in record:
+                raise ValueError(
+                    f"{where}: missing field {field!r} for benchmark {name!r} "
+                    f"(row has {', '.join(sorted(record)) or 'no fields'})"
+                )
+        if not isinstance(record[prompt_field], str) or not record[prompt_field].strip():
+            raise ValueError(f"{where}: field {prompt_field!r} is not a non-empty string")
+        try:
+            answer = _gold(name, record[answer_field])
+        except ValueError as e:
+            raise ValueError(f"{where}: field {answer_field!r}: {e}") from None
+        rows.append({"prompt": record[prompt_field], "answer": answer})
     return rows
