@@ -12,6 +12,21 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 
 
+def batch_generate(model, prompts, max_tokens, stop_ids):
+    """mlx-lm's BatchGenerator used directly, each prompt inserted in full: the reference that
+    our rollouts and our model are compared against."""
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in stop_ids])
+    uids = gen.insert(prompts)
+    out = {u: [] for u in uids}
+    while responses := gen.next_generated():
+        for r in responses:
+            out[r.uid].append(r.token)
+    gen.close()
+    return [out[u] for u in uids]
+
+
 @pytest.fixture(scope="session")
 def make_tiny(tmp_path_factory):
     """make_tiny(**TinySpec fields) -> folder of a tiny random Qwen3 (cached per spec)."""

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, batch_generate
 
 from mlx_oisd import load
 from mlx_oisd.loading import load_model
@@ -130,7 +130,7 @@ def test_same_as_mlx_lm_qwen3_generation(make_tiny):
     """Greedy generation (mlx-lm's generate, KV cache) and batched generation (mlx-lm's
     BatchGenerator) from our model equal those from mlx-lm's own Qwen3 on the same weights."""
     import mlx_lm
-    from mlx_lm.generate import BatchGenerator, generate
+    from mlx_lm.generate import generate
 
     folder = make_tiny(init_std=0.3, tie_word_embeddings=False, seed=5)  # peaked, varied output
     ours, tok = load(folder)
@@ -144,14 +144,5 @@ def test_same_as_mlx_lm_qwen3_generation(make_tiny):
 
     prompts = [tok.encode(p) for p in ["hello", "What is 12 + 35?", "abc"]]
 
-    def batch(model):
-        gen = BatchGenerator(model, max_tokens=12, stop_tokens=[[t] for t in tok.eos_token_ids])
-        uids = gen.insert(prompts)
-        tokens = {u: [] for u in uids}
-        while responses := gen.next_generated():
-            for r in responses:
-                tokens[r.uid].append(r.token)
-        gen.close()
-        return [tokens[u] for u in uids]
-
-    assert batch(ours) == batch(theirs)
+    stop = tok.eos_token_ids
+    assert batch_generate(ours, prompts, 12, stop) == batch_generate(theirs, prompts, 12, stop)

@@ -2,22 +2,10 @@
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import BatchGenerator
+from conftest import batch_generate
 
 from mlx_oisd import load
 from mlx_oisd.rollout import Rollout, pack, sample
-
-
-def _direct(model, prompts, max_tokens, stop):
-    """mlx-lm's BatchGenerator used directly, each prompt inserted in full (the reference)."""
-    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in stop])
-    uids = gen.insert(prompts)
-    out = {u: [] for u in uids}
-    while responses := gen.next_generated():
-        for r in responses:
-            out[r.uid].append(r.token)
-    gen.close()
-    return [out[u] for u in uids]
 
 
 def test_greedy_groups_equal_direct_generation(make_tiny):
@@ -27,7 +15,7 @@ def test_greedy_groups_equal_direct_generation(make_tiny):
     prompts = [tok.encode("What is 1+2?"), tok.encode("hello there, friend")]
     ro = sample(model, prompts, group_size=3, max_tokens=10, stop_ids=tok.eos_token_ids,
                 temperature=1e-4)
-    ref = _direct(model, prompts, 10, tok.eos_token_ids)
+    ref = batch_generate(model, prompts, 10, tok.eos_token_ids)
     assert ro.completions == [ref[0]] * 3 + [ref[1]] * 3
 
 
