@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench bench-env clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,20 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check mlx_oisd cli tests scripts
+	$(BIN)/ruff check mlx_oisd cli tests scripts bench
+
+# The peer trainer mlx-lm-lora pins its own packages: it gets a venv of its own.
+BENCH_MLX := $(shell [ "$$(uname)" = Linux ] && echo 'mlx[cpu]' || echo mlx)
+.venv-bench/bin/.installed:
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet 'mlx-lm-lora==5.10.2' '$(BENCH_MLX)'
+	touch $@
+
+bench-env: .venv-bench/bin/.installed
+
+# The speed / memory suite (BENCHMARKS.md): under 10 minutes on 2 CPU cores.
+bench: $(BIN)/.installed bench-env
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -123,7 +123,8 @@ class TrainConfig:
         default_factory=lambda: [RewardSpec("math", 1.0), RewardSpec("format", 0.1)]
     )
     reward_timeout: float = 10.0  # seconds per item for math and user rewards (a hang scores 0)
-    loss_chunk_size: int = 1024  # response rows per chunk of the logit/JS loss
+    loss_chunk_size: int | None = None  # response rows per chunk of the vocabulary-sized loss;
+    # None: about 2**20 logits per chunk (objective.chunk_rows), so memory is flat in V x tokens
     compile: bool = False  # mx.compile the gradient step (P and C padded to multiples of 32)
     # held-out evaluation: accuracy (math reward) of sampled completions on `eval_split`
     eval_split: str | None = None  # e.g. "test"; None: no evaluation

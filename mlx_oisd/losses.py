@@ -22,9 +22,9 @@ Teachers are detached with ``mx.stop_gradient`` where they are formed, never by 
 kernel's VJP (STYLE.md habit 2). Divergences are computed in float32.
 
 The vocabulary readout is chunked: ``(B*T, V)`` float32 logits for the whole batch never exist.
-Each chunk of rows runs under ``mx.checkpoint``, so the backward pass recomputes the chunk's
-logits instead of keeping them. ``mx.checkpoint`` differentiates only the arguments of the
-function it wraps (arrays the readout closes over get a zero gradient, silently), so the readout
+Chunks are computed one after another and the backward pass recomputes each chunk's logits
+instead of keeping them (``_map_row_chunks``). Only the arguments of the chunked function are
+differentiated (arrays the readout closes over would get no gradient, silently), so the readout
 takes its trainable arrays explicitly: ``readout(params, h) -> logits``. For a module:
 
     head = Readout(model.model.norm, model.lm_head)         # any nn.Module h -> logits
@@ -34,11 +34,13 @@ takes its trainable arrays explicitly: ``readout(params, h) -> logits``. For a m
     params = head.trainable_parameters()                    # {} when the head is frozen (LoRA)
 """
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 WEIGHTINGS = ("advantage", "sign", "none")
@@ -163,12 +165,44 @@ def js_divergence(p_logits: mx.array, q_logits: mx.array, tau: float = 1.0) -> m
     Returns:
         [...] JS per row.
     """
-    log_p = _log_softmax(p_logits.astype(mx.float32) / tau)  # [..., V]
-    log_q = _log_softmax(mx.stop_gradient(q_logits).astype(mx.float32) / tau)  # [..., V]
-    log_m = mx.logaddexp(log_p, log_q) - math.log(2.0)
-    kl_pm = (mx.exp(log_p) * (log_p - log_m)).sum(axis=-1)
-    kl_qm = (mx.exp(log_q) * (log_q - log_m)).sum(axis=-1)
-    return 0.5 * (kl_pm + kl_qm)
+    student = p_logits.astype(mx.float32)
+    teacher = mx.stop_gradient(q_logits).astype(mx.float32)
+    return _js_function(float(tau))(student, teacher)
+
+
+def _js_terms(p_logits, q_logits, tau):
+    """log p, log q, log m of `js_divergence`, each [..., V]."""
+    log_p = _log_softmax(p_logits / tau)
+    log_q = _log_softmax(q_logits / tau)
+    return log_p, log_q, mx.logaddexp(log_p, log_q) - math.log(2.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _js_function(tau: float):
+    """JS as an `mx.custom_function` with its gradient in closed form, so the backward pass
+    holds a few [..., V] arrays instead of every intermediate of the forward:
+
+        dJS/dp = 1/2 log(p/m)  =>  dJS/dz = p * (g - <p, g>) / tau,  g = 1/2 (log p - log m)
+
+    for student logits z (p = softmax(z / tau)); the teacher gets no gradient."""
+
+    @mx.custom_function
+    def js(p_logits, q_logits):
+        log_p, log_q, log_m = _js_terms(p_logits, q_logits, tau)
+        kl_pm = (mx.exp(log_p) * (log_p - log_m)).sum(axis=-1)
+        kl_qm = (mx.exp(log_q) * (log_q - log_m)).sum(axis=-1)
+        return 0.5 * (kl_pm + kl_qm)
+
+    @js.vjp
+    def js_vjp(primals, cotangent, output):
+        p_logits, q_logits = primals
+        log_p, _, log_m = _js_terms(p_logits, q_logits, tau)
+        p = mx.exp(log_p)
+        g = 0.5 * (log_p - log_m)
+        grad = p * (g - (p * g).sum(axis=-1, keepdims=True)) * (cotangent[..., None] / tau)
+        return grad, mx.zeros_like(q_logits)
+
+    return js
 
 
 def token_logprobs(
@@ -183,7 +217,7 @@ def token_logprobs(
 
     Used for the policy log-probs (h = final residual stream, readout = W_U N_L) and for
     BuPO's internal policy (h = layer-l residual stream). Rows are read out ``chunk_size`` at
-    a time under ``mx.checkpoint`` (see the module docstring).
+    a time, each recomputed in the backward pass (see the module docstring).
 
     Args:
         h: [B, T, D] hidden states at the positions that predict the targets.
@@ -206,31 +240,56 @@ def token_logprobs_entropy(
     temperature: float = 1.0,
     chunk_size: int = 512,
 ) -> tuple[mx.array, mx.array]:
-    """``token_logprobs`` plus the entropy of each position's distribution, for the no-gradient
-    passes (old / reference log-probs) where the entropy metric comes for free.
+    """``token_logprobs`` plus the entropy of each position's distribution (a metric: no
+    gradient flows through it), from the same chunked pass.
 
     Args: as ``token_logprobs``. Returns: logp [B, T] and entropy [B, T] in nats, not masked.
     """
     return _token_stats(h, targets, readout, params, temperature, chunk_size, entropy=True)
 
 
-def _token_stats(h, targets, readout, params, temperature, chunk_size, entropy):
-    """[logp] or [logp, entropy], each [B, T], from one chunked pass (see token_logprobs)."""
+def token_logprobs_lens_js(
+    h: mx.array,
+    targets: mx.array,
+    students: list[mx.array],
+    readout: Readout,
+    params: Any,
+    temperature: float = 1.0,
+    tau: float = 1.0,
+    chunk_size: int = 512,
+) -> tuple[mx.array, mx.array, list[mx.array]]:
+    """``token_logprobs_entropy`` of the final layer and, for each student stream, the lens JS
+    of ``lens_js_loss`` against it, from one chunked pass: the final layer's logits are read out
+    once and serve as the policy logits and (detached) as the teacher's.
+
+    Args: h [B, T, D] the final layer's lens input (W_U reads ``readout(params, h)``), targets
+    [B, T], students: [B, T, D] lens inputs of the student blocks; the rest as
+    ``token_logprobs`` / ``lens_js_loss``.
+    Returns: logp [B, T], entropy [B, T], [JS [B, T] per student], none masked.
+    """
+    out = _token_stats(h, targets, readout, params, temperature, chunk_size, True, students, tau)
+    return out[0], out[1], out[2:]
+
+
+def _token_stats(h, targets, readout, params, temperature, chunk_size, entropy, students=(),
+                 tau=1.0):
+    """[logp, entropy?, JS per student], each [B, T], from one chunked pass."""
     B, T, D = h.shape
 
-    def chunk_stats(params, h_rows, target_rows):
-        logits = readout(params, h_rows).astype(mx.float32) / temperature  # [n, V]
-        logq = _log_softmax(logits)  # [n, V]
-        # Indices are not differentiable; mx.checkpoint's VJP covers every argument.
+    def chunk_stats(params, h_rows, target_rows, *student_rows):
+        z = readout(params, h_rows).astype(mx.float32)  # [n, V]
+        logq = _log_softmax(z / temperature)  # [n, V]
+        # Indices are not differentiable; the chunk VJP covers every argument.
         idx = mx.stop_gradient(target_rows)[:, None]  # [n, 1]
         columns = [mx.take_along_axis(logq, idx, axis=-1)[:, 0]]  # [n]
         if entropy:
-            columns.append(-(mx.exp(logq) * logq).sum(axis=-1))
-        return mx.stack(columns, axis=-1)  # [n, 1 or 2]
+            columns.append(mx.stop_gradient(-(mx.exp(logq) * logq).sum(axis=-1)))  # a metric
+        teacher = mx.stop_gradient(z)
+        columns += [js_divergence(readout(params, s), teacher, tau) for s in student_rows]
+        return mx.stack(columns, axis=-1)  # [n, columns]
 
-    rows = _map_row_chunks(
-        chunk_stats, params, (h.reshape(B * T, D), targets.reshape(B * T)), chunk_size
-    )  # [B*T, 1 or 2]
+    flat = [h.reshape(B * T, D), targets.reshape(B * T)] + [s.reshape(B * T, D) for s in students]
+    rows = _map_row_chunks(chunk_stats, params, tuple(flat), chunk_size)  # [B*T, columns]
     return [rows[:, i].reshape(B, T) for i in range(rows.shape[1])]
 
 
@@ -250,7 +309,7 @@ def lens_js_loss(
     ``readout`` is W_U N_L (or W_U alone for ``lens_norm: false``), shared by student and
     teacher, built by the caller. The teacher logits are detached where they are formed, so
     neither ``teacher_h`` nor the readout's parameters get gradient through the teacher. Rows
-    are processed ``chunk_size`` at a time under ``mx.checkpoint``.
+    are processed ``chunk_size`` at a time (see the module docstring).
 
     Args:
         student_h: [B, T, D] residual stream after block l at the response positions.
@@ -352,19 +411,51 @@ def weighted_alignment(per_token_js: mx.array, adv: mx.array, mode: str = "advan
 def _map_row_chunks(
     fn: Callable[..., mx.array], params: Any, rows: tuple[mx.array, ...], chunk_size: int
 ) -> mx.array:
-    """Concatenate fn(params, *chunks) -> [n] over consecutive chunks of ``chunk_size`` rows.
+    """Concatenate fn(params, *chunks) -> [n, k] over consecutive chunks of ``chunk_size`` rows,
+    holding one chunk's (n, V) arrays at a time in the forward and in the backward pass.
 
-    Each call runs under ``mx.checkpoint`` so the backward pass recomputes the chunk's (n, V)
-    logits instead of keeping every chunk's alive until the gradient is taken.
+    A custom VJP recomputes each chunk (as ``mx.checkpoint`` would) and adds up the readout
+    parameters' gradients chunk after chunk. Each chunk's inputs are made to depend on the
+    previous chunk's results and the running gradient sum (``mx.depends``), so the chunks run
+    one after another and each chunk's parameter gradient is added before the next: left to
+    itself, MLX's scheduler may run every chunk's vocabulary-sized step before consuming any
+    (measured: the peak then grows with V x tokens despite the chunking).
     """
     assert chunk_size > 0
-    checkpointed = mx.checkpoint(fn)
     n = rows[0].shape[0]
-    outs = [
-        checkpointed(params, *(r[start : start + chunk_size] for r in rows))
-        for start in range(0, n, chunk_size)
-    ]
-    return mx.concatenate(outs, axis=0)
+    spans = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+
+    def chunk(arrays, start, stop, after):
+        parts = [a[start:stop] for a in arrays]
+        return list(mx.depends(parts, after)) if after else parts
+
+    @mx.custom_function
+    def mapped(params, *rows):
+        outs = []
+        for start, stop in spans:
+            outs.append(fn(params, *chunk(rows, start, stop, outs[-1:])))
+        return mx.concatenate(outs, axis=0)
+
+    @mapped.vjp
+    def mapped_vjp(primals, cotangent, output):
+        params, *rows = primals
+        keys, leaves = zip(*tree_flatten(params)) if params else ((), ())
+        k = len(leaves)
+
+        def flat_fn(*arrays):  # mx.vjp takes a flat list of arrays
+            return [fn(tree_unflatten(list(zip(keys, arrays[:k]))), *arrays[k:])]
+
+        d_params, d_rows = None, []
+        for start, stop in spans:
+            after = [*d_rows[-1], *d_params] if d_rows else []
+            _, grads = mx.vjp(flat_fn, [*leaves, *chunk(rows, start, stop, after)],
+                              [cotangent[start:stop]])
+            d_params = grads[:k] if d_params is None else [a + b for a, b in zip(d_params, grads[:k])]
+            d_rows.append(grads[k:])
+        return (tree_unflatten(list(zip(keys, d_params))) if k else params,
+                *(mx.concatenate(parts, axis=0) for parts in zip(*d_rows)))
+
+    return mapped(params, *rows)
 
 
 def _log_softmax(x: mx.array) -> mx.array:

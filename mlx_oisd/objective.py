@@ -6,8 +6,11 @@ Positions: a packed batch (rollout.pack) has every response at columns P..P+C-1,
 outputs at positions P-1..P+C-2 of the (T-1)-token input score the C response tokens. The logit
 lens, the policy log-probs and the attention rows all use those C query positions.
 
-Old and reference log-probs go through `forward` with the same captured blocks as the update, so
-the first inner iteration sees ratio == 1 exactly. With `algorithm: grpo` (or both lambdas 0) no
+The prompt is shared: its columns 0..P-2 are computed once per distinct prompt and their keys /
+values gathered for the prompt's G rows (`Model.forward_shared_prefix`), so only the C query
+positions of each row are computed per row. The first inner iteration takes its own (detached)
+log-probs as the old ones (`old_logp=None`): ratio == 1 exactly and no separate forward pass;
+they are returned for the later iterations. Reference log-probs go through the same `forward`. With `algorithm: grpo` (or both lambdas 0) no
 internals are captured and no alignment term is built: plain GRPO, the same code path.
 `algorithm: bupo` scores the layer-l lens policy while `bupo_active`, then plain GRPO.
 """
@@ -20,10 +23,9 @@ import mlx.nn as nn
 from .losses import (
     aggregate,
     attention_js_loss,
-    lens_js_loss,
     policy_loss,
-    token_logprobs,
     token_logprobs_entropy,
+    token_logprobs_lens_js,
     weighted_alignment,
 )
 from .rollout import Batch
@@ -46,7 +48,7 @@ class LossSpec:
     loss_agg: str = "token_mean"
     max_len: int = 1024  # max_completion_length, for seq_mean_token_sum_norm
     temperature: float = 1.0
-    chunk_size: int = 1024
+    chunk_size: int | None = None  # rows per loss chunk; None: chunk_rows(V)
     bupo_active: bool = False  # BuPO's internal phase: the policy is the layer-l lens
 
     @property
@@ -61,9 +63,19 @@ class LossSpec:
         return self.student_layers[0] if self.algorithm == "bupo" and self.bupo_active else num_layers
 
 
+CHUNK_LOGITS = 2**20  # (rows, V) logits per chunk of the loss when chunk_size is None
+MIN_CHUNK_ROWS = 32
+
+
+def chunk_rows(spec: LossSpec, vocab_size: int) -> int:
+    """Rows per chunk of the vocabulary-sized loss: spec.chunk_size, else about CHUNK_LOGITS
+    logits (a chunk's float32 arrays a few MB each, whatever V and the number of tokens)."""
+    return spec.chunk_size or max(MIN_CHUNK_ROWS, CHUNK_LOGITS // vocab_size)
+
+
 def readout(model: nn.Module):
     """W_U as `readout(params, h)` for the chunked losses, with its trainable arrays in `params`
-    (mx.checkpoint differentiates only its arguments; a frozen or quantized head gives {})."""
+    (the chunked losses differentiate only their arguments; a frozen or quantized head gives {})."""
     head = model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
     if "weight" in head.trainable_parameters() and not isinstance(head, nn.QuantizedEmbedding):
         return (lambda p, h: h @ p["weight"].T), {"weight": head.weight}
@@ -79,12 +91,17 @@ def forward(model: nn.Module, batch: Batch, spec: LossSpec):
     if spec.align_logit:
         hidden.update(spec.student_layers)
     attention = sorted({*spec.student_layers, L}) if spec.align_attn else []
-    q0 = batch.prompt_len - 1
-    out = model.forward_internals(
-        batch.inputs, hidden_layers=sorted(hidden), attention_layers=attention,
-        mask=batch.mask[:, :-1], query_start=q0, return_logits=False,
-    )
-    return {l: h[:, q0:] for l, h in out.hidden.items()}, out.attention
+    P = batch.prompt_len
+    if P == 1:  # no prompt column before the first query: nothing to share
+        out = model.forward_internals(batch.inputs, sorted(hidden), attention,
+                                      mask=batch.mask[:, :-1], return_logits=False)
+    else:
+        rows = batch.prompt_rows
+        out = model.forward_shared_prefix(
+            batch.tokens[rows, :P - 1], batch.mask[rows, :P - 1], batch.group,
+            batch.tokens[:, P - 1:-1], batch.mask[:, P - 1:-1], sorted(hidden), attention,
+        )
+    return out.hidden, out.attention
 
 
 def _lens_input(model, h, norm: bool):
@@ -98,7 +115,8 @@ def policy_logprobs(model: nn.Module, batch: Batch, spec: LossSpec):
     layer = spec.policy_layer(model.args.num_hidden_layers)
     fn, params = readout(model)
     h = _lens_input(model, hidden[layer], spec.lens_norm or layer == model.args.num_hidden_layers)
-    return token_logprobs_entropy(h, batch.targets, fn, params, spec.temperature, spec.chunk_size)
+    return token_logprobs_entropy(h, batch.targets, fn, params, spec.temperature,
+                                  chunk_rows(spec, model.args.vocab_size))
 
 
 def objective_terms(model, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec, num_tokens,
@@ -106,8 +124,10 @@ def objective_terms(model, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec
     """The unweighted terms of one micro-batch: {"policy": agg(L_pg + beta k3), "logit": mean_l
     agg(w JS_logit), "attn": mean_l agg(w JS_attn)} (alignment terms only when they are on).
 
-    adv [N]; old_logp / ref_logp [N, C] (ref None when beta = 0); num_tokens / num_seqs: response
-    tokens and sequences of the whole batch, so micro-batch terms add up to the batch's.
+    adv [N]; old_logp / ref_logp [N, C] (ref None when beta = 0; old None on the first inner
+    iteration: the detached log-probs of this pass, returned as stats["logp"] with the summed
+    entropy stats["entropy_sum"]); num_tokens / num_seqs: response tokens and sequences of the
+    whole batch, so micro-batch terms add up to the batch's.
     Returns (terms, stats of unnormalised sums)."""
     L = model.args.num_hidden_layers
     mask = batch.response_mask  # (N, C)
@@ -115,9 +135,20 @@ def objective_terms(model, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec
     fn, params = readout(model)
     layer = spec.policy_layer(L)
     h_pol = _lens_input(model, hidden[layer], spec.lens_norm or layer == L)
-    logp = token_logprobs(h_pol, batch.targets, fn, params, spec.temperature, spec.chunk_size)
+    # The lens students share the policy's chunked readout: its logits are the (detached)
+    # teacher's. align_logit means algorithm oisd, whose policy is the final layer.
+    students = ([_lens_input(model, hidden[l], spec.lens_norm) for l in spec.student_layers]
+                if spec.align_logit else [])
+    logp, entropy, lens_js = token_logprobs_lens_js(h_pol, batch.targets, students, fn, params,
+                                                    spec.temperature, spec.tau,
+                                                    chunk_rows(spec, model.args.vocab_size))
+    first = {}
+    if old_logp is None:
+        old_logp = mx.stop_gradient(logp)
+        first = {"logp": old_logp, "entropy_sum": mx.stop_gradient(entropy * mask).sum()}
     per_token, stats = policy_loss(logp, old_logp, adv, mask, spec.epsilon, spec.epsilon_high,
                                    ref_logp, spec.beta)
+    stats.update(first)
 
     def agg(x):
         return aggregate(x, mask, spec.loss_agg, num_tokens, num_seqs, spec.max_len)
@@ -125,13 +156,11 @@ def objective_terms(model, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec
     terms = {"policy": agg(per_token)}
     k = len(spec.student_layers)
     if spec.align_logit:
-        teacher = model.model.norm(hidden[L])
         terms["logit"] = stats["js_logit_sum"] = 0.0
-        for l in spec.student_layers:
-            student = _lens_input(model, hidden[l], spec.lens_norm)
-            js, s = lens_js_loss(student, teacher, fn, params, mask, spec.tau, spec.chunk_size)
+        for js in lens_js:
+            js = js * (mask > 0)
             terms["logit"] += agg(weighted_alignment(js, adv, spec.weighting)) / k
-            stats["js_logit_sum"] += s["js_sum"] / k
+            stats["js_logit_sum"] += mx.stop_gradient(js).sum() / k
     if spec.align_attn:
         terms["attn"] = stats["js_attn_sum"] = 0.0
         for l in spec.student_layers:
@@ -156,8 +185,8 @@ def objective(model, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec, num_
 class ObjectiveGrad:
     """`nn.value_and_grad` of `objective`, optionally under `mx.compile`.
 
-    A compiled function is traced once per (spec, prompt_len, has_ref) and re-traced by MLX per
-    input shape; `rollout.pack` rounds P and C up to a bucket so few shapes occur. Model
+    A compiled function is traced once per (spec, prompt_len, has_old, has_ref) and re-traced by
+    MLX per input shape; `rollout.pack` rounds P and C up to a bucket so few shapes occur. Model
     parameters and the RNG (LoRA dropout) are declared as compile inputs/outputs.
     Call: (batch, adv, old_logp, ref_logp, spec, num_tokens, num_seqs) -> ((loss, stats), grads).
     """
@@ -165,13 +194,15 @@ class ObjectiveGrad:
     def __init__(self, model: nn.Module, compile: bool = True):
         self.model, self.compile, self.cache = model, compile, {}
 
-    def _build(self, spec: LossSpec, prompt_len: int, has_ref: bool):
+    def _build(self, spec: LossSpec, prompt_len: int, has_old: bool, has_ref: bool):
         loss_and_grad = nn.value_and_grad(self.model, objective)
 
-        def step(tokens, mask, response_mask, adv, old_logp, ref_logp, num_tokens, num_seqs):
-            batch = Batch(tokens, mask, response_mask, prompt_len)
+        def step(tokens, mask, response_mask, group, prompt_rows, adv, old_logp, ref_logp,
+                 num_tokens, num_seqs):
+            batch = Batch(tokens, mask, response_mask, prompt_len, group, prompt_rows)
+            old = old_logp if has_old else None
             ref = ref_logp if has_ref else None
-            return loss_and_grad(self.model, batch, adv, old_logp, ref, spec, num_tokens, num_seqs)
+            return loss_and_grad(self.model, batch, adv, old, ref, spec, num_tokens, num_seqs)
 
         if not self.compile:
             return step
@@ -179,9 +210,11 @@ class ObjectiveGrad:
         return mx.compile(step, inputs=state, outputs=state)
 
     def __call__(self, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec, num_tokens, num_seqs):
-        key = (spec, batch.prompt_len, ref_logp is not None)
+        key = (spec, batch.prompt_len, old_logp is not None, ref_logp is not None)
         if key not in self.cache:
             self.cache[key] = self._build(*key)
-        ref = ref_logp if ref_logp is not None else old_logp  # placeholder array, unused
-        return self.cache[key](batch.tokens, batch.mask, batch.response_mask, adv, old_logp, ref,
-                               mx.array(num_tokens, mx.float32), mx.array(num_seqs, mx.float32))
+        unused = adv  # placeholder for an absent old / ref array
+        return self.cache[key](
+            batch.tokens, batch.mask, batch.response_mask, batch.group, batch.prompt_rows, adv,
+            unused if old_logp is None else old_logp, unused if ref_logp is None else ref_logp,
+            mx.array(num_tokens, mx.float32), mx.array(num_seqs, mx.float32))

@@ -85,12 +85,14 @@ def sample(
 
 @dataclass
 class Batch:
-    """A packed step for the loss. N = B*G rows, T = P + C columns."""
+    """A packed step for the loss. N = B*G rows, T = P + C columns, U distinct prompts."""
 
     tokens: mx.array  # (N, T) int32: left-padded prompt, then right-padded completion
     mask: mx.array  # (N, T) 1 on real tokens (prompt and completion)
     response_mask: mx.array  # (N, C) float32, 1 on completion tokens that count in the loss
     prompt_len: int  # P: column where every response starts
+    group: mx.array  # (N,) int32: which of the U prompts row i continues
+    prompt_rows: mx.array  # (U,) int32: a row holding each prompt
 
     @property
     def inputs(self) -> mx.array:
@@ -101,6 +103,19 @@ class Batch:
     def targets(self) -> mx.array:
         """(N, C) the response tokens."""
         return self.tokens[:, self.prompt_len:]
+
+    def select(self, rows) -> "Batch":
+        """The batch of `rows` (an index array or a slice), prompts re-indexed."""
+        group, prompt_rows = prompt_index(np.array(self.group)[rows])
+        idx = mx.array(np.arange(len(self.group))[rows])
+        return Batch(self.tokens[idx], self.mask[idx], self.response_mask[idx], self.prompt_len,
+                     group, prompt_rows)
+
+
+def prompt_index(prompt_ids: np.ndarray) -> tuple[mx.array, mx.array]:
+    """Per-row prompt ids (N,) -> (group (N,), prompt_rows (U,)) as in `Batch`."""
+    _, first, inverse = np.unique(prompt_ids, return_index=True, return_inverse=True)
+    return mx.array(inverse.astype(np.int32)), mx.array(first.astype(np.int32))
 
 
 def _round_up(n: int, bucket: int) -> int:
@@ -124,4 +139,5 @@ def pack(rollout: Rollout, pad_id: int, mask_truncated: bool = False, bucket: in
         mask[i, P - len(prompt):P + len(comp)] = 1
         if not (mask_truncated and rollout.truncated[i]):
             response[i, :len(comp)] = 1.0
-    return Batch(mx.array(tokens), mx.array(mask), mx.array(response), P)
+    return Batch(mx.array(tokens), mx.array(mask), mx.array(response), P,
+                 *prompt_index(np.arange(N) // G))

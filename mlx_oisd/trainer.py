@@ -228,45 +228,49 @@ def train_step(run: Run, step: int) -> dict:
 
 
 def select_rows(batch: Batch, adv: np.ndarray, keep: np.ndarray):
-    rows = mx.array(np.flatnonzero(keep))
-    return Batch(batch.tokens[rows], batch.mask[rows], batch.response_mask[rows],
-                 batch.prompt_len), adv[keep]
+    return batch.select(np.flatnonzero(keep)), adv[keep]
 
 
 def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
     n = batch.tokens.shape[0]
-    size = size or n
-    return [Batch(batch.tokens[i:i + size], batch.mask[i:i + size],
-                  batch.response_mask[i:i + size], batch.prompt_len) for i in range(0, n, size)]
+    if not size or size >= n:
+        return [batch]
+    return [batch.select(slice(i, i + size)) for i in range(0, n, size)]
 
 
 def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array, spec: LossSpec,
            cfg: TrainConfig) -> dict:
-    """Old/ref log-probs, then `num_iterations` optimizer updates; returns per-token metrics.
+    """Ref log-probs (beta > 0), then `num_iterations` optimizer updates; returns per-token
+    metrics. The first iteration's own detached log-probs are the old ones (on-policy: ratio 1,
+    no extra forward pass); later iterations reuse them.
 
     Each micro-batch's gradient is evaluated before the next one starts, so the peak holds one
     micro-batch's activations, not the whole step's."""
     size = cfg.minibatch_size
     micro = micro_batches(batch, size)
     advs = [adv[i:i + (size or len(adv))] for i in range(0, len(adv), size or len(adv))]
-    old = [policy_logprobs(model, mb, spec) for mb in micro]  # [(logp, entropy)]
+    old = [None] * len(micro)
     ref = [None] * len(micro)
     if cfg.beta > 0:
         with adapters_disabled(model):
             ref = [policy_logprobs(model, mb, replace(spec, bupo_active=False))[0] for mb in micro]
-    mx.eval(old, ref)
+        mx.eval(ref)
     num_tokens = batch.response_mask.sum()
     num_seqs = batch.tokens.shape[0]
     model.train()
-    totals = {}
-    for _ in range(cfg.num_iterations):
+    totals, entropy = {}, 0.0
+    for it in range(cfg.num_iterations):
         grads = None
-        for mb, a, (old_logp, _), ref_logp in zip(micro, advs, old, ref):
-            (loss, stats), g = grad_fn(mb, a, old_logp, ref_logp, spec, num_tokens, num_seqs)
+        for j, (mb, a, ref_logp) in enumerate(zip(micro, advs, ref)):
+            (loss, stats), g = grad_fn(mb, a, old[j], ref_logp, spec, num_tokens, num_seqs)
+            if it == 0:
+                entropy = entropy + stats.pop("entropy_sum")
+                logp = stats.pop("logp")
+                old[j] = logp if cfg.num_iterations > 1 else None
             grads = g if grads is None else tree_map(mx.add, grads, g)
             stats["loss"] = loss
             totals = {k: totals.get(k, 0.0) + v for k, v in stats.items()}
-            mx.eval(grads, totals)
+            mx.eval(grads, totals, entropy, old[j])
         if cfg.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         else:
@@ -275,7 +279,6 @@ def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, totals)
     model.eval()
-    entropy = sum((e * mb.response_mask).sum() for mb, (_, e) in zip(micro, old))
     return summarize(totals, entropy, num_tokens, cfg.num_iterations)
 
 

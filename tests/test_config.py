@@ -81,7 +81,7 @@ def test_minimal_yaml_gets_every_default(tmp_path):
     assert cfg.oisd.student_layers == [6] and cfg.oisd.lambda_attn == 0.1 and cfg.oisd.lens_norm
     assert cfg.rewards == [RewardSpec("math", 1.0), RewardSpec("format", 0.1)]
     assert cfg.dataset.split == "train" and cfg.dataset.prompt_field == "question"
-    assert cfg.loss_chunk_size == 1024 and cfg.minibatch_size is None
+    assert cfg.loss_chunk_size is None and cfg.minibatch_size is None
 
 
 def test_design_example_validates_to_the_defaults(tmp_path):

@@ -14,6 +14,8 @@ from mlx_oisd.losses import (
     lens_js_loss,
     policy_loss,
     token_logprobs,
+    token_logprobs_entropy,
+    token_logprobs_lens_js,
     weighted_alignment,
 )
 
@@ -405,3 +407,30 @@ def test_weighted_alignment_modes():
     np.testing.assert_allclose(_np(weighted_alignment(js, adv, "none")), _np(js))
     with pytest.raises(ValueError, match="expected one of"):
         weighted_alignment(js, adv, "abs")
+
+
+def test_shared_readout_equals_separate_policy_and_lens_passes():
+    """One chunked pass reading the final layer out once (policy logits and detached teacher)
+    gives the values and gradients of `token_logprobs_entropy` + `lens_js_loss` separately."""
+    params, student, final, mask = _fixture(9)
+    targets = mx.array(np.random.default_rng(9).integers(0, V, (B, T)))
+    mp, mmask = _mx_params(params), mx.array(mask)
+    temp, tau = 0.8, 1.3
+
+    def fused(prm, s, h):
+        logp, ent, (js,) = token_logprobs_lens_js(h, targets, [s], _readout, prm, temp, tau, 3)
+        return (logp * mmask).sum() + (js * mmask).sum(), (logp, ent, js)
+
+    def separate(prm, s, h):
+        logp, ent = token_logprobs_entropy(h, targets, _readout, prm, temp, chunk_size=3)
+        js, _ = lens_js_loss(s, h, _readout, prm, mmask, tau, chunk_size=3)
+        return (logp * mmask).sum() + js.sum(), (logp, ent, js)
+
+    (_, got), g_got = mx.value_and_grad(fused, argnums=(0, 1, 2))(mp, mx.array(student), mx.array(final))
+    (_, want), g_want = mx.value_and_grad(separate, argnums=(0, 1, 2))(mp, mx.array(student), mx.array(final))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(_np(a) * mask, _np(b) * mask, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(g_got[0]["W"]), _np(g_want[0]["W"]), rtol=1e-4, atol=1e-6)
+    for i in (1, 2):
+        np.testing.assert_allclose(_np(g_got[i]), _np(g_want[i]), rtol=1e-4, atol=1e-6)
+

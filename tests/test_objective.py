@@ -91,6 +91,27 @@ def test_first_inner_iteration_has_ratio_exactly_one(model):
         assert float(stats["clip_low"]) == float(stats["clip_high"]) == 0
 
 
+def test_first_iteration_takes_its_own_logprobs_as_old(model):
+    """old_logp=None (the trainer's first inner iteration) equals passing the log-probs of a
+    separate no-gradient pass: same loss, same gradients, and the returned log-probs and
+    entropy are that pass's."""
+    batch = _batch(model.args.vocab_size)
+    spec = LossSpec(student_layers=(STUDENT,), chunk_size=3)
+    adv, old, ntok, nseq = _inputs(model, spec, batch)
+    _, entropy = policy_logprobs(model, batch, spec)
+    grad = nn.value_and_grad(model, objective)
+    (la, sa), ga = grad(model, batch, adv, old, None, spec, ntok, nseq)
+    (lb, sb), gb = grad(model, batch, adv, None, None, spec, ntok, nseq)
+    assert float(sb["ratio_sum"]) == float(sb["tokens"])
+    np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
+    mask = batch.response_mask
+    np.testing.assert_allclose(sb["logp"] * mask, old * mask, atol=1e-5)
+    np.testing.assert_allclose(float(sb["entropy_sum"]), float((entropy * mask).sum()), rtol=1e-5)
+    ga, gb = dict(tree_flatten(ga)), dict(tree_flatten(gb))
+    for k in ga:
+        np.testing.assert_allclose(gb[k], ga[k], atol=1e-5, err_msg=k)
+
+
 def test_zero_lambdas_are_plain_grpo_bit_for_bit(model):
     batch = _batch(model.args.vocab_size)
     results = []

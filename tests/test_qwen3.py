@@ -116,6 +116,55 @@ def test_explicit_attention_blocks_keep_the_output(tiny_dir):
     assert _max_err(explicit.logits, np.asarray(fused.logits), valid) < 1e-5
 
 
+def test_shared_prefix_equals_the_concatenated_rows_values_and_gradients(tiny_dir):
+    """Each prefix computed once and gathered for its rows gives what the full rows give at the
+    suffix positions, and the same parameter gradients (the shared prefix's add up over its
+    rows). One prefix is left-padded, two suffixes are right-padded."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    model, _ = load(tiny_dir)
+    rng = np.random.default_rng(0)
+    U, G, S, C = 2, 3, 5, 4
+    prefix = rng.integers(5, model.args.vocab_size, (U, S))
+    pmask = np.ones((U, S), np.int32)
+    pmask[1, :2] = 0
+    suffix = rng.integers(5, model.args.vocab_size, (U * G, C))
+    smask = np.ones((U * G, C), np.int32)
+    smask[1, 3:] = smask[4, 2:] = 0
+    group = np.repeat(np.arange(U), G)
+    full = mx.array(np.concatenate([prefix[group], suffix], 1))
+    fmask = mx.array(np.concatenate([pmask[group], smask], 1))
+    valid = mx.array(smask)[..., None].astype(mx.float32)
+    w = mx.array(rng.normal(size=(model.args.hidden_size,)).astype(np.float32))
+
+    def score(out, h):  # a scalar reading every captured output at valid suffix positions
+        return ((h @ w)[..., None] * valid).sum() + (out.attention[3].sum(1) * valid).sum()
+
+    def via_full(m):
+        out = m.forward_internals(full, [2], [3], fmask, query_start=S, return_logits=False)
+        return score(out, out.hidden[2][:, S:]), out
+
+    def via_shared(m):
+        out = m.forward_shared_prefix(mx.array(prefix), mx.array(pmask),
+                                      mx.array(group.astype(np.int32)), mx.array(suffix),
+                                      mx.array(smask), [2], [3])
+        return score(out, out.hidden[2]), out
+
+    _, a = via_full(model)
+    _, b = via_shared(model)
+    assert b.hidden[2].shape == (U * G, C, model.args.hidden_size)
+    assert b.attention[3].shape == a.attention[3].shape == (U * G, 4, C, S + C)
+    np.testing.assert_allclose(b.hidden[2] * valid, a.hidden[2][:, S:] * valid, atol=1e-5)
+    np.testing.assert_allclose(b.attention[3] * valid[:, None], a.attention[3] * valid[:, None],
+                               atol=1e-6)
+    ga = dict(tree_flatten(nn.value_and_grad(model, lambda m: via_full(m)[0])(model)[1]))
+    gb = dict(tree_flatten(nn.value_and_grad(model, lambda m: via_shared(m)[0])(model)[1]))
+    assert float(mx.abs(ga["model.layers.0.self_attn.k_proj.weight"]).max()) > 0
+    for k in ga:
+        np.testing.assert_allclose(gb[k], ga[k], atol=1e-4, rtol=1e-4, err_msg=k)
+
+
 @pytest.mark.parametrize("bad", [0, 5, -1])
 def test_block_index_out_of_range(tiny_dir, bad):
     model, _ = load(tiny_dir)

@@ -60,3 +60,18 @@ def test_pack_layout():
         [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]])
     masked = pack(ro, pad_id=0, mask_truncated=True)
     np.testing.assert_array_equal(np.asarray(masked.response_mask)[1], [0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(b.group), [0, 0, 1, 1])
+    np.testing.assert_array_equal(np.asarray(b.prompt_rows), [0, 2])
+
+
+def test_select_reindexes_the_prompts():
+    ro = Rollout(prompts=[[1, 2], [3], [4, 5]], completions=[[6], [7], [8], [9], [10], [11]],
+                 truncated=[False] * 6, group_size=2)
+    b = pack(ro, pad_id=0)
+    sub = b.select(np.array([1, 4, 5]))  # the 2nd row of prompt 0, both rows of prompt 2
+    np.testing.assert_array_equal(np.asarray(sub.group), [0, 1, 1])
+    np.testing.assert_array_equal(np.asarray(sub.tokens)[np.asarray(sub.prompt_rows), :2],
+                                  [[1, 2], [4, 5]])
+    tail = b.select(slice(3, 6))  # starts inside prompt 1's group
+    np.testing.assert_array_equal(np.asarray(tail.group), [0, 1, 1])
+    np.testing.assert_array_equal(np.asarray(tail.targets)[:, 0], [9, 10, 11])

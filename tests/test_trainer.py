@@ -202,7 +202,8 @@ def test_mlx_lm_fuse_accepts_the_adapters(tmp_path):
 
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
 def test_micro_batches_add_up_to_the_full_batch(make_tiny, loss_agg):
-    """One SGD update from micro-batches of 2 equals one from the whole batch (full fine-tuning)."""
+    """One SGD update from micro-batches of 2 or 3 (which splits a group's shared prompt)
+    equals one from the whole batch (full fine-tuning)."""
     import mlx.optimizers as optim
 
     from mlx_oisd import load
@@ -217,7 +218,7 @@ def test_micro_batches_add_up_to_the_full_batch(make_tiny, loss_agg):
     batch = pack(rollout, pad_id=0)
     adv = mx.array([1.0, -1.0, 0.5, -0.5])
     params = []
-    for size in (None, 2):
+    for size in (None, 2, 3):
         cfg = validate({"model": "x", "dataset": {"source": "x.jsonl"}, "lora": None,
                         "max_grad_norm": 0.0, "loss_agg": loss_agg, "minibatch_size": size,
                         "max_completion_length": 4, "oisd": {"student_layers": [2]}})
@@ -226,8 +227,9 @@ def test_micro_batches_add_up_to_the_full_batch(make_tiny, loss_agg):
         stats = update(model, optim.SGD(learning_rate=1.0), grad_fn, batch, adv, loss_spec(cfg), cfg)
         params.append(dict(tree_flatten(model.parameters())))
         assert stats["ratio_mean"] == 1.0
-    for k, v in params[0].items():
-        np.testing.assert_allclose(np.asarray(params[1][k]), np.asarray(v), atol=2e-6, err_msg=k)
+    for other in params[1:]:
+        for k, v in params[0].items():
+            np.testing.assert_allclose(np.asarray(other[k]), np.asarray(v), atol=2e-6, err_msg=k)
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -13,6 +13,10 @@ is mlx-lm's forward. `forward_internals` runs the same layer loop and additional
 Padding: `mask` (B, T) is 1 on real tokens. Keys that are padding never receive attention. A padded
 query may attend only to itself: its row is garbage that callers mask out, but never a softmax over
 an empty set (NaN). So right padding (our batches) and left padding both work.
+
+`forward_shared_prefix` is the same computation for rows that share prefixes (the G completions
+of one prompt): each prefix is run once and its keys/values are gathered for its rows, so the
+prompt costs B instead of B*G rows of compute, and gradients through it add up over its rows.
 """
 
 from dataclasses import dataclass, field
@@ -81,27 +85,52 @@ def padding_attention_mask(mask: mx.array) -> mx.array:
 def explicit_attention(queries, keys, values, scale, mask, query_start=0):
     """Attention with its probabilities, for the blocks whose maps OISD reads.
 
-    queries (B, H, T, Dh), keys/values (B, H_kv, T, Dh); mask "causal", a boolean (B|1, 1, T, T)
-    array or None. Returns output (B, H, T, Dh) and probs (B, H, T - query_start, T) in float32
-    (the softmax is taken in float32 so the JS on these rows is exact in half precision too).
+    queries (B, H, Tq, Dh), keys/values (B, H_kv, Tk, Dh), the queries being the last Tq of the
+    Tk positions; mask "causal", a boolean (B|1, 1, Tq, Tk) array or None. Returns output
+    (B, H, Tq, Dh) and probs (B, H, Tq - query_start, Tk) in float32 (the softmax is taken in
+    float32 so the JS on these rows is exact in half precision too).
     """
-    B, H, T, Dh = queries.shape
-    H_kv = keys.shape[1]
+    B, H, Tq, Dh = queries.shape
+    H_kv, Tk = keys.shape[1], keys.shape[2]
     rep = H // H_kv
-    q = queries.reshape(B, H_kv, rep, T, Dh)  # query head h reads kv head h // rep, as repeat_kv
-    k = keys[:, :, None]  # (B, H_kv, 1, T, Dh)
+    q = queries.reshape(B, H_kv, rep, Tq, Dh)  # query head h reads kv head h // rep, as repeat_kv
+    k = keys[:, :, None]  # (B, H_kv, 1, Tk, Dh)
     v = values[:, :, None]
     scores = (q.astype(mx.float32) * scale) @ k.astype(mx.float32).swapaxes(-1, -2)
     if isinstance(mask, str):
-        pos = mx.arange(T)
-        mask = pos[:, None] >= pos[None, :]
+        mask = (mx.arange(Tq)[:, None] + Tk - Tq) >= mx.arange(Tk)[None, :]
     if mask is not None:
         if mask.ndim == 4:
-            mask = mask[:, :, None]  # (B, 1, 1, T, T) broadcasts over (H_kv, rep)
+            mask = mask[:, :, None]  # (B, 1, 1, Tq, Tk) broadcasts over (H_kv, rep)
         scores = mx.where(mask, scores, mx.finfo(mx.float32).min)
-    probs = mx.softmax(scores, axis=-1)  # (B, H_kv, rep, T, T)
-    out = (probs.astype(values.dtype) @ v).reshape(B, H, T, Dh)
-    return out, probs.reshape(B, H, T, T)[:, :, query_start:]
+    probs = mx.softmax(scores, axis=-1)  # (B, H_kv, rep, Tq, Tk)
+    out = (probs.astype(values.dtype) @ v).reshape(B, H, Tq, Dh)
+    return out, probs.reshape(B, H, Tq, Tk)[:, :, query_start:]
+
+
+class PrefixRecorder:
+    """mlx-lm's cache protocol for the prefix pass of `forward_shared_prefix`: keeps each block's
+    keys/values (U, H_kv, S, Dh) as they are computed (functionally, so gradients flow)."""
+
+    offset = 0
+
+    def update_and_fetch(self, keys, values):
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class SharedPrefix:
+    """The suffix pass's cache: a recorded prefix's keys/values gathered for each row (`group`
+    (N,) indexes the U prefixes) in front of the row's own; positions continue at S."""
+
+    def __init__(self, recorded: PrefixRecorder, group: mx.array):
+        self.recorded, self.group = recorded, group
+        self.offset = recorded.keys.shape[2]
+
+    def update_and_fetch(self, keys, values):
+        r = self.recorded
+        return (mx.concatenate([r.keys[self.group], keys], axis=2),
+                mx.concatenate([r.values[self.group], values], axis=2))
 
 
 class Attention(nn.Module):
@@ -250,14 +279,7 @@ class Model(nn.Module):
         Returns `Internals` with logits (B, T, V) equal to `model(inputs)`, hidden[l] (B, T, D)
         and attention[l] (B, H, T - query_start, T).
         """
-        L = self.args.num_hidden_layers
-        for name, layers in (("hidden_layers", hidden_layers), ("attention_layers", attention_layers)):
-            bad = [l for l in layers if not isinstance(l, int) or isinstance(l, bool) or not 1 <= l <= L]
-            if bad:
-                raise ValueError(
-                    f"{name}: block index {bad[0]!r} out of range; blocks are numbered 1..{L} "
-                    f"(1 = first block, {L} = last) for this {L}-block model"
-                )
+        self._check_blocks(hidden_layers, attention_layers)
         T = inputs.shape[1]
         if not 0 <= query_start < T:
             raise ValueError(f"query_start must be in 0..{T - 1} for T={T}, got {query_start}")
@@ -271,6 +293,51 @@ class Model(nn.Module):
         if return_logits:
             capture.logits = self.unembed(h)
         return capture
+
+    def forward_shared_prefix(
+        self,
+        prefix: mx.array,
+        prefix_mask: mx.array,
+        group: mx.array,
+        suffix: mx.array,
+        suffix_mask: mx.array,
+        hidden_layers=(),
+        attention_layers=(),
+    ) -> Internals:
+        """`forward_internals` of rows [prefix[group[i]], suffix[i]], returning only the suffix
+        positions, with each of the U prefixes computed once.
+
+        prefix (U, S) ids and prefix_mask (U, S) (left padding allowed, S >= 1); group (N,) int32:
+        the prefix of each row; suffix (N, C) ids and suffix_mask (N, C). Returns `Internals`
+        without logits, hidden[l] (N, C, D) and attention[l] (N, H, C, S + C): what
+        `forward_internals` on the concatenated (N, S + C) rows gives at positions S.., with
+        `query_start` S.
+        """
+        self._check_blocks(hidden_layers, attention_layers)
+        recorded = [PrefixRecorder() for _ in self.layers]
+        self.model(prefix, cache=recorded, mask=padding_attention_mask(prefix_mask))
+        S, C = prefix.shape[1], suffix.shape[1]
+        keys = prefix_mask.astype(mx.bool_)[group][:, None, None, :]  # (N, 1, 1, S)
+        own = padding_attention_mask(suffix_mask)  # (N, 1, C, C)
+        mask = mx.concatenate([mx.broadcast_to(keys, (keys.shape[0], 1, C, S)), own], axis=-1)
+        capture = Internals(
+            logits=None,
+            hidden={l: None for l in hidden_layers},
+            attention={l: None for l in attention_layers},
+        )
+        self.model(suffix, cache=[SharedPrefix(r, group) for r in recorded], capture=capture,
+                   mask=mask, attention_rows=0)
+        return capture
+
+    def _check_blocks(self, hidden_layers, attention_layers):
+        L = self.args.num_hidden_layers
+        for name, layers in (("hidden_layers", hidden_layers), ("attention_layers", attention_layers)):
+            bad = [l for l in layers if not isinstance(l, int) or isinstance(l, bool) or not 1 <= l <= L]
+            if bad:
+                raise ValueError(
+                    f"{name}: block index {bad[0]!r} out of range; blocks are numbered 1..{L} "
+                    f"(1 = first block, {L} = last) for this {L}-block model"
+                )
 
     def sanitize(self, weights):
         if self.args.tie_word_embeddings:
