@@ -69,17 +69,28 @@ def arith_prompts(tokenizer, n: int) -> list[list[int]]:
 def timed(fn, *args, repeats: int = 3, warmup: int = 1) -> tuple[float, float, object]:
     """(median seconds, peak memory in GB over the timed runs, last result) of `fn(*args)`, which
     must evaluate its own work (mx.eval) before returning."""
-    for _ in range(warmup):
-        fn(*args)
-    mx.synchronize()
-    mx.reset_peak_memory()
-    times, out = [], None
+    return compare({"fn": lambda: fn(*args)}, repeats, warmup)["fn"]
+
+
+def compare(fns: dict, repeats: int = 3, warmup: int = 1) -> dict:
+    """{name: (median seconds, peak GB, last result)} of the zero-argument `fns`, run interleaved
+    (one of each per round) so that a slow spell of a shared machine hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    peaks = dict.fromkeys(fns, 0)
+    outs = {}
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn(*args)
-        mx.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), mx.get_peak_memory() / 1e9, out
+        for name, fn in fns.items():
+            mx.synchronize()
+            mx.reset_peak_memory()
+            t = time.perf_counter()
+            outs[name] = fn()
+            mx.synchronize()
+            times[name].append(time.perf_counter() - t)
+            peaks[name] = max(peaks[name], mx.get_peak_memory())
+    return {name: (statistics.median(times[name]), peaks[name] / 1e9, outs[name]) for name in fns}
 
 
 def machine() -> str:

@@ -15,7 +15,7 @@ from mlx_oisd.objective import ObjectiveGrad
 from mlx_oisd.rollout import pack, sample
 from mlx_oisd.trainer import loss_spec, update
 
-from .common import Table, timed
+from .common import Table, compare
 
 
 def run(model, prompts, B: int, G: int, max_tokens: int, repeats: int) -> Table:
@@ -33,15 +33,18 @@ def run(model, prompts, B: int, G: int, max_tokens: int, repeats: int) -> Table:
         ["compile", "grpo s", "oisd s", "time ratio", "grpo peak GB", "oisd peak GB",
          "memory ratio"])
     for compile in (False, True):
-        row = {}
-        for algorithm in ("grpo", "oisd"):
-            cfg = validate({"model": "bench", "dataset": {"source": "x.jsonl"},
-                            "algorithm": algorithm, "max_completion_length": max_tokens,
-                            "oisd": {"student_layers": [L // 2]}})
-            spec, grad_fn = loss_spec(cfg), ObjectiveGrad(model, compile)
-            opt = optim.AdamW(learning_rate=1e-6)
-            row[algorithm] = timed(update, model, opt, grad_fn, batch, adv, spec, cfg,
-                                   repeats=repeats)[:2]
-        (tg, mg), (to, mo) = row["grpo"], row["oisd"]
+        row = compare({algorithm: updater(model, batch, adv, algorithm, max_tokens, compile)
+                       for algorithm in ("grpo", "oisd")}, repeats)
+        (tg, mg, _), (to, mo, _) = row["grpo"], row["oisd"]
         table.rows.append(["on" if compile else "off", tg, to, to / tg, mg, mo, mo / mg])
     return table
+
+
+def updater(model, batch, adv, algorithm: str, max_tokens: int, compile: bool):
+    """A zero-argument `trainer.update` of `algorithm` on `batch` (its own optimizer)."""
+    L = model.args.num_hidden_layers
+    cfg = validate({"model": "bench", "dataset": {"source": "x.jsonl"}, "algorithm": algorithm,
+                    "max_completion_length": max_tokens, "oisd": {"student_layers": [L // 2]}})
+    spec, grad_fn = loss_spec(cfg), ObjectiveGrad(model, compile)
+    opt = optim.AdamW(learning_rate=1e-6)
+    return lambda: update(model, opt, grad_fn, batch, adv, spec, cfg)

@@ -6,13 +6,15 @@ prompt G times in full with all rows decoding together (completion and prefill b
 natural direct use; ours prefills each prompt once and shares its KV cache with the group.
 """
 
+from functools import partial
+
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_oisd.rollout import sample
 
-from .common import Table, timed
+from .common import Table, compare
 
 
 def batch_generator(model, prompts, group_size, max_tokens):
@@ -42,8 +44,9 @@ def run(model, prompts: list[list[int]], shapes: list[tuple[int, int, int]], rep
     for B, G, M in shapes:
         ps = prompts[:B]
         mx.random.seed(0)
-        t_ref, m_ref, out_ref = timed(batch_generator, model, ps, G, M, repeats=repeats)
-        t_ours, m_ours, out = timed(sample, model, ps, G, M, [], repeats=repeats)
+        runs = compare({"ref": partial(batch_generator, model, ps, G, M),
+                        "ours": partial(sample, model, ps, G, M, [])}, repeats)
+        (t_ref, m_ref, out_ref), (t_ours, m_ours, out) = runs["ref"], runs["ours"]
         n = B * G * M
         assert sum(map(len, out_ref)) == n and out.num_tokens == n, "rows stopped early"
         table.rows.append([B, G, M, n / t_ref, n / t_ours, t_ref / t_ours, m_ref, m_ours])

@@ -35,11 +35,11 @@ takes its trainable arrays explicitly: ``readout(params, h) -> logits``. For a m
 """
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -155,8 +155,9 @@ def js_divergence(p_logits: mx.array, q_logits: mx.array, tau: float = 1.0) -> m
 
         JS = 1/2 KL(p || m) + 1/2 KL(q || m),  m = (p + q) / 2,  0 <= JS <= ln 2
 
-    Computed in float32 from log-softmax, with log m = logaddexp(log p, log q) - ln 2, so no
-    probability is divided or logged. q is the teacher: detached here.
+    Computed in float32 with one exponential per distribution and one logarithm (of m, floored
+    at the smallest normal float so that 0 * log 0 terms stay 0); the gradient is in closed form
+    (`_js_function`). q is the teacher: detached here.
 
     Args:
         p_logits: [..., V] student logits (differentiated), finite.
@@ -165,42 +166,48 @@ def js_divergence(p_logits: mx.array, q_logits: mx.array, tau: float = 1.0) -> m
     Returns:
         [...] JS per row.
     """
-    student = p_logits.astype(mx.float32)
-    teacher = mx.stop_gradient(q_logits).astype(mx.float32)
-    return _js_function(float(tau))(student, teacher)
+    q, log_q = _softmax_and_log(mx.stop_gradient(q_logits).astype(mx.float32) / tau)
+    return _js_function(float(tau))(p_logits.astype(mx.float32), q, log_q)
 
 
-def _js_terms(p_logits, q_logits, tau):
-    """log p, log q, log m of `js_divergence`, each [..., V]."""
-    log_p = _log_softmax(p_logits / tau)
-    log_q = _log_softmax(q_logits / tau)
-    return log_p, log_q, mx.logaddexp(log_p, log_q) - math.log(2.0)
+def _softmax_and_log(z: mx.array) -> tuple[mx.array, mx.array]:
+    """softmax(z) and log_softmax(z) over the last axis [..., V], with a single exp."""
+    shifted = z - mx.stop_gradient(z.max(axis=-1, keepdims=True))
+    e = mx.exp(shifted)
+    total = e.sum(axis=-1, keepdims=True)
+    return e / total, shifted - mx.log(total)
 
 
-@functools.lru_cache(maxsize=None)
+def _js_log_m(p, q):
+    return mx.log(mx.maximum(0.5 * (p + q), _TINY))
+
+
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+@functools.cache
 def _js_function(tau: float):
-    """JS as an `mx.custom_function` with its gradient in closed form, so the backward pass
-    holds a few [..., V] arrays instead of every intermediate of the forward:
+    """JS(softmax(p_logits / tau) || q) for a detached teacher given as (q, log q), as an
+    `mx.custom_function` with its gradient in closed form, so the backward pass holds a few
+    [..., V] arrays instead of every intermediate of the forward:
 
         dJS/dp = 1/2 log(p/m)  =>  dJS/dz = p * (g - <p, g>) / tau,  g = 1/2 (log p - log m)
 
     for student logits z (p = softmax(z / tau)); the teacher gets no gradient."""
 
     @mx.custom_function
-    def js(p_logits, q_logits):
-        log_p, log_q, log_m = _js_terms(p_logits, q_logits, tau)
-        kl_pm = (mx.exp(log_p) * (log_p - log_m)).sum(axis=-1)
-        kl_qm = (mx.exp(log_q) * (log_q - log_m)).sum(axis=-1)
-        return 0.5 * (kl_pm + kl_qm)
+    def js(p_logits, q, log_q):
+        p, log_p = _softmax_and_log(p_logits / tau)
+        log_m = _js_log_m(p, q)
+        return 0.5 * ((p * (log_p - log_m)).sum(axis=-1) + (q * (log_q - log_m)).sum(axis=-1))
 
     @js.vjp
     def js_vjp(primals, cotangent, output):
-        p_logits, q_logits = primals
-        log_p, _, log_m = _js_terms(p_logits, q_logits, tau)
-        p = mx.exp(log_p)
-        g = 0.5 * (log_p - log_m)
+        p_logits, q, log_q = primals
+        p, log_p = _softmax_and_log(p_logits / tau)
+        g = 0.5 * (log_p - _js_log_m(p, q))
         grad = p * (g - (p * g).sum(axis=-1, keepdims=True)) * (cotangent[..., None] / tau)
-        return grad, mx.zeros_like(q_logits)
+        return grad, mx.zeros_like(q), mx.zeros_like(log_q)
 
     return js
 
@@ -278,14 +285,17 @@ def _token_stats(h, targets, readout, params, temperature, chunk_size, entropy, 
 
     def chunk_stats(params, h_rows, target_rows, *student_rows):
         z = readout(params, h_rows).astype(mx.float32)  # [n, V]
-        logq = _log_softmax(z / temperature)  # [n, V]
+        prob, logq = _softmax_and_log(z / temperature)  # [n, V] each
         # Indices are not differentiable; the chunk VJP covers every argument.
         idx = mx.stop_gradient(target_rows)[:, None]  # [n, 1]
         columns = [mx.take_along_axis(logq, idx, axis=-1)[:, 0]]  # [n]
         if entropy:
-            columns.append(mx.stop_gradient(-(mx.exp(logq) * logq).sum(axis=-1)))  # a metric
-        teacher = mx.stop_gradient(z)
-        columns += [js_divergence(readout(params, s), teacher, tau) for s in student_rows]
+            columns.append(mx.stop_gradient(-(prob * logq).sum(axis=-1)))  # a metric
+        if student_rows:  # the teacher: these logits at tau, detached
+            teacher = (prob, logq) if tau == temperature else _softmax_and_log(z / tau)
+            q, log_q = (mx.stop_gradient(t) for t in teacher)
+            js = _js_function(float(tau))
+            columns += [js(readout(params, s).astype(mx.float32), q, log_q) for s in student_rows]
         return mx.stack(columns, axis=-1)  # [n, columns]
 
     flat = [h.reshape(B * T, D), targets.reshape(B * T)] + [s.reshape(B * T, D) for s in students]
@@ -456,10 +466,6 @@ def _map_row_chunks(
                 *(mx.concatenate(parts, axis=0) for parts in zip(*d_rows)))
 
     return mapped(params, *rows)
-
-
-def _log_softmax(x: mx.array) -> mx.array:
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
 def _log_or_zero(x: mx.array) -> mx.array:
