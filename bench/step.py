@@ -69,7 +69,9 @@ def run(model_path: Path, tokenizer, settings: list[tuple[int, int, int]], steps
         "Median seconds per training step (rollout + reward + update) after one warm-up step, "
         f"{steps - 1} timed; peak memory over the timed steps; tokens = generated tokens per "
         "step (mean). mlx-lm-lora differentiates micro-batches of B rows (fixed in its code); "
-        "ours by default the whole batch, and also micro-batches of B rows (`minibatch_size`).",
+        "ours by default the whole batch, and at the first B also micro-batches of B rows "
+        "(`minibatch_size`). The random model earns no reward, so advantages are zero; neither "
+        "trainer skips work for that.",
         ["B", "G", "max_tokens", "trainer", "s/step", "tokens", "peak GB", "speed-up vs peer",
          "memory vs peer"])
     for B, G, M in settings:
@@ -79,7 +81,7 @@ def run(model_path: Path, tokenizer, settings: list[tuple[int, int, int]], steps
             rows.append(("mlx-lm-lora " + peer["version"], statistics.median(peer["step_times"][1:]),
                          statistics.mean(peer["generated_tokens"][1:]),
                          max(peer["peak_memory_per_step_gb"][1:])))
-        for size in (None, B):
+        for size in (None, B) if B == settings[0][0] else (None,):
             ours = our_steps(model_path, B, G, M, steps, minibatch_size=size)[1:]
             rows.append((f"ours, minibatch_size {size or 'all'}",
                          statistics.median(r["step_time"] for r in ours),
