@@ -34,7 +34,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="prompts per step B")
     p.add_argument("--group-size", type=int, default=8, help="completions per prompt G")
     p.add_argument("--max-tokens", type=int, default=64, help="completion length")
-    p.add_argument("--steps", type=int, default=3, help="training steps per trainer (1 warm-up)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed training steps per trainer at B, after a warm-up (one fewer at 2B)")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up")
     p.add_argument("--only", default=",".join(ALL), help=f"comma list of {', '.join(ALL)}")
     p.add_argument("--peer-python", type=Path, default=ROOT / ".venv-bench" / "bin" / "python",
@@ -61,7 +62,8 @@ def main(argv=None):
         if name == "rollout":
             table = rollout.run(model, prompts, [(B, G, M), (B // 2 or 1, 2 * G, M)], args.repeats)
         elif name == "step":
-            table = step.run(model_path, tok, [(B, G, M), (2 * B, G, M)], args.steps, peer)
+            table = step.run(model_path, tok,
+                             [(B, G, M, args.steps + 1), (2 * B, G, M, args.steps)], peer)
         elif name == "overhead":
             table = overhead.run(load(str(model_path))[0], prompts, B, G, M, args.repeats)
         elif name == "memory":

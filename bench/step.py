@@ -62,19 +62,21 @@ def peer_steps(python: Path, model_path: Path, tokenizer, B, G, max_tokens, step
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(model_path: Path, tokenizer, settings: list[tuple[int, int, int]], steps: int,
+def run(model_path: Path, tokenizer, settings: list[tuple[int, int, int, int]],
         peer_python: Path | None) -> Table:
+    """settings: (B, G, max_tokens, steps) per row group; each run's first step is a warm-up."""
     table = Table(
         "Full GRPO step: ours vs mlx-lm-lora",
-        "Median seconds per training step (rollout + reward + update) after one warm-up step, "
-        f"{steps - 1} timed; peak memory over the timed steps; tokens = generated tokens per "
-        "step (mean). mlx-lm-lora differentiates micro-batches of B rows (fixed in its code); "
-        "ours by default the whole batch, and at the first B also micro-batches of B rows "
-        "(`minibatch_size`). The random model earns no reward, so advantages are zero; neither "
+        "Median seconds per training step (rollout + reward + update) over the steps after a "
+        "warm-up step; peak memory over those steps; tokens = generated tokens per step (mean). "
+        "mlx-lm-lora differentiates micro-batches of B rows (fixed in its code); ours by default "
+        "the whole batch, and at the first B also micro-batches of B rows (`minibatch_size`). "
+        "Rewards: ours `math` (math-verify in its worker process), the peer's an answer "
+        "substring check; the random model earns none, so advantages are zero, and neither "
         "trainer skips work for that.",
         ["B", "G", "max_tokens", "trainer", "s/step", "tokens", "peak GB", "speed-up vs peer",
          "memory vs peer"])
-    for B, G, M in settings:
+    for B, G, M, steps in settings:
         rows = []
         if peer_python is not None:
             peer = peer_steps(peer_python, model_path, tokenizer, B, G, M, steps)
