@@ -49,12 +49,15 @@ def main(argv=None):
 
     start = time.perf_counter()
     model_path = Path(args.model) if args.model and Path(args.model).exists() else args.model
+    label = f"`{model_path}`" if model_path else (
+        "random Qwen3 built by `bench.common.CPU_MODEL` (4 blocks, D=128, 4 query / 2 KV heads, "
+        "MLP 384, V=2048, float32)")
     model_path = model_path or bench_model()
     B, G, M = args.batch_size, args.group_size, args.max_tokens
     model, tok = load(str(model_path))
     prompts, _ = arith_prompts(tok, 2 * B)
     peer = args.peer_python if args.peer_python.exists() else None
-    print(f"machine: {machine()}\nmodel: {model_path}\n", flush=True)
+    print(f"machine: {machine()}\nmodel: {label}\n", flush=True)
 
     tables = []
     for name in only:
@@ -79,7 +82,7 @@ def main(argv=None):
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     section = (f"## Benchmark suite, {datetime.date.today()}\n\n"
                f"Machine: {machine()}.\n\nCommand: `{command.strip()}` ({total / 60:.1f} min). "
-               f"Model: `{model_path}`.\n\n" + "\n".join(t.markdown() for t in tables))
+               f"Model: {label}.\n\n" + "\n".join(t.markdown() for t in tables))
     print(f"total {total / 60:.1f} min")
     if not args.no_write:
         old = args.out.read_text() if args.out.exists() else "# Benchmarks\n"

@@ -178,11 +178,12 @@ def _softmax_and_log(z: mx.array) -> tuple[mx.array, mx.array]:
     return e / total, shifted - mx.log(total)
 
 
-def _js_log_m(p, q):
-    return mx.log(mx.maximum(0.5 * (p + q), _TINY))
-
-
 _TINY = float(np.finfo(np.float32).tiny)
+
+
+def _js_log_m(p, q):
+    """log m, m = (p + q) / 2, floored at the smallest normal float32."""
+    return mx.log(mx.maximum(0.5 * (p + q), _TINY))
 
 
 @functools.cache
