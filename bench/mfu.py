@@ -1,6 +1,6 @@
 """MFU: achieved FLOP/s of the training forward+backward vs the measured peak matmul FLOP/s.
 
-Peak: the best of square float32 matmuls on the same backend and machine (the model's dtype).
+Peak: the best of square matmuls in the model's dtype on the same backend and machine.
 Achieved: model FLOPs of one gradient of the GRPO objective on a packed rollout divided by its
 median time. Model FLOPs (no recomputation counted) of the forward: 2 * (block matmul
 parameters) per computed token, where the shared prompt is computed once per prompt (U*S) and
@@ -12,6 +12,7 @@ fine-tuning, 1x for LoRA (activation gradients; the frozen weights get none).
 import mlx.core as mx
 import numpy as np
 
+from mlx_oisd import load
 from mlx_oisd.config import validate
 from mlx_oisd.lora import apply_lora, lora_parameters
 from mlx_oisd.objective import ObjectiveGrad
@@ -49,20 +50,19 @@ def gradient(grad_fn, batch, adv, spec):
 
 
 def run(model_path, batch, repeats: int) -> Table:
-    from mlx_oisd import load
-
+    dtype = load(str(model_path))[0].model.norm.weight.dtype  # the compute dtype
     gpu = mx.default_device() == mx.gpu
-    peak, n = peak_matmul_flops((1024, 2048, 4096) if gpu else (256, 512, 1024))
+    peak, n = peak_matmul_flops((1024, 2048, 4096) if gpu else (256, 512, 1024), dtype)
     table = Table(
         "MFU of the training forward+backward",
-        f"Peak: best square float32 matmul, {peak / 1e9:.2f} GFLOP/s (n={n}). Batch: "
-        f"{batch.tokens.shape[0]} rows, prompt {batch.prompt_len}, "
+        f"Peak: best square {str(dtype).split('.')[-1]} matmul, {peak / 1e9:.2f} GFLOP/s "
+        f"(n={n}). Batch: {batch.tokens.shape[0]} rows, prompt {batch.prompt_len}, "
         f"{batch.response_mask.shape[1]} response tokens; one gradient of the GRPO objective.",
         ["fine-tuning", "model GFLOP", "seconds", "achieved GFLOP/s", "MFU"])
     adv = mx.array(np.linspace(-1, 1, batch.tokens.shape[0], dtype=np.float32))
     cfg = validate({"model": "bench", "dataset": {"source": "x.jsonl"}, "algorithm": "grpo"})
     for kind in ("full", "lora"):
-        model, _ = load(model_path)
+        model, _ = load(str(model_path))
         if kind == "lora":
             apply_lora(model, -1, lora_parameters(8, 20.0, 0.0, None))
         model.train()
