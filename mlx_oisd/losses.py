@@ -36,6 +36,7 @@ takes its trainable arrays explicitly: ``readout(params, h) -> logits``. For a m
 
 import functools
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -274,13 +275,17 @@ def token_logprobs_lens_js(
     [B, T], students: [B, T, D] lens inputs of the student blocks; the rest as
     ``token_logprobs`` / ``lens_js_loss``.
     Returns: logp [B, T], entropy [B, T], [JS [B, T] per student], none masked.
+
+    With a frozen readout (``params`` empty, as under LoRA) the gradients are taken in the same
+    pass (``_map_rows_grad_ahead``): the backward pass recomputes nothing.
     """
-    out = _token_stats(h, targets, readout, params, temperature, chunk_size, True, students, tau)
+    out = _token_stats(h, targets, readout, params, temperature, chunk_size, True, students, tau,
+                       grad_ahead=not params)
     return out[0], out[1], out[2:]
 
 
 def _token_stats(h, targets, readout, params, temperature, chunk_size, entropy, students=(),
-                 tau=1.0):
+                 tau=1.0, grad_ahead=False):
     """[logp, entropy?, JS per student], each [B, T], from one chunked pass."""
     B, T, D = h.shape
 
@@ -300,7 +305,13 @@ def _token_stats(h, targets, readout, params, temperature, chunk_size, entropy, 
         return mx.stack(columns, axis=-1)  # [n, columns]
 
     flat = [h.reshape(B * T, D), targets.reshape(B * T)] + [s.reshape(B * T, D) for s in students]
-    rows = _map_row_chunks(chunk_stats, params, tuple(flat), chunk_size)  # [B*T, columns]
+    if grad_ahead:  # h moves only logp (column 0), student s only its JS column
+        first_js = 2 if entropy else 1
+        columns = {0: 0, **{2 + s: first_js + s for s in range(len(students))}}
+        rows = _map_rows_grad_ahead(partial(chunk_stats, params), tuple(flat),
+                                    first_js + len(students), columns, chunk_size)
+    else:
+        rows = _map_row_chunks(chunk_stats, params, tuple(flat), chunk_size)  # [B*T, columns]
     return [rows[:, i].reshape(B, T) for i in range(rows.shape[1])]
 
 
@@ -419,6 +430,56 @@ def weighted_alignment(per_token_js: mx.array, adv: mx.array, mode: str = "advan
     return w[:, None] * per_token_js
 
 
+def _map_rows_grad_ahead(
+    fn: Callable[..., mx.array], rows: tuple[mx.array, ...], width: int, columns: dict[int, int],
+    chunk_size: int
+) -> mx.array:
+    """``_map_row_chunks`` for a row-wise ``fn(*chunks) -> [n, width]`` with no trainable
+    parameters where input ``i`` moves only output column ``columns[i]`` (the other columns are
+    detached from it), taking the gradients in the forward pass instead of recomputing.
+
+    Each chunk runs one VJP with unit cotangents, which gives, row by row, d out[:, columns[i]]
+    / d input_i: the output of a row depends on that row alone, so the VJP of a sum is the
+    per-row Jacobian. Those [n, D] rows are kept (about one hidden state per input) and the
+    backward pass only scales them by the incoming cotangent. Chunks run in order, as in
+    ``_map_row_chunks``.
+    """
+    assert chunk_size > 0
+    n = rows[0].shape[0]
+    spans = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    inputs = sorted(columns)
+
+    def chunk_grads(*chunk):
+        ones = mx.ones((chunk[0].shape[0], width), mx.float32)
+        (out,), grads = mx.vjp(lambda *r: [fn(*r)], list(chunk), [ones])
+        return out, [grads[i].astype(chunk[i].dtype) for i in inputs]
+
+    @mx.custom_function
+    def mapped(*rows):
+        outs, jacobians = [], []
+        for start, stop in spans:
+            after = [outs[-1], *jacobians[-1]] if outs else []
+            out, jac = chunk_grads(*_row_chunk(rows, start, stop, after))
+            outs.append(out)
+            jacobians.append(jac)
+        return [mx.concatenate(outs, axis=0)] + [mx.concatenate(j, axis=0)
+                                                  for j in zip(*jacobians)]
+
+    @mapped.vjp
+    def mapped_vjp(primals, cotangents, outputs):
+        jacobians = dict(zip(inputs, outputs[1:]))
+        return [cotangents[0][:, columns[i], None] * jacobians[i] if i in jacobians
+                else mx.zeros_like(r) for i, r in enumerate(primals)]
+
+    return mapped(*rows)[0]
+
+
+def _row_chunk(arrays, start: int, stop: int, after: list) -> list:
+    """Rows start:stop of each array, made to depend on `after` (so they wait for it)."""
+    parts = [a[start:stop] for a in arrays]
+    return list(mx.depends(parts, after)) if after else parts
+
+
 def _map_row_chunks(
     fn: Callable[..., mx.array], params: Any, rows: tuple[mx.array, ...], chunk_size: int
 ) -> mx.array:
@@ -436,15 +497,11 @@ def _map_row_chunks(
     n = rows[0].shape[0]
     spans = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
 
-    def chunk(arrays, start, stop, after):
-        parts = [a[start:stop] for a in arrays]
-        return list(mx.depends(parts, after)) if after else parts
-
     @mx.custom_function
     def mapped(params, *rows):
         outs = []
         for start, stop in spans:
-            outs.append(fn(params, *chunk(rows, start, stop, outs[-1:])))
+            outs.append(fn(params, *_row_chunk(rows, start, stop, outs[-1:])))
         return mx.concatenate(outs, axis=0)
 
     @mapped.vjp
@@ -459,7 +516,7 @@ def _map_row_chunks(
         d_params, d_rows = None, []
         for start, stop in spans:
             after = [*d_rows[-1], *d_params] if d_rows else []
-            _, grads = mx.vjp(flat_fn, [*leaves, *chunk(rows, start, stop, after)],
+            _, grads = mx.vjp(flat_fn, [*leaves, *_row_chunk(rows, start, stop, after)],
                               [cotangent[start:stop]])
             d_params = grads[:k] if d_params is None else [a + b for a, b in zip(d_params, grads[:k])]
             d_rows.append(grads[k:])

@@ -35,11 +35,10 @@ class Rollout:
 
 
 def prefill(model: nn.Module, prompt: list[int]):
-    """KV cache holding prompt[:-1]; BatchGenerator feeds the last token itself."""
+    """KV cache holding prompt[:-1] (not yet evaluated); BatchGenerator feeds the last token."""
     cache = make_prompt_cache(model)
     if len(prompt) > 1:
         model(mx.array(prompt[:-1])[None], cache=cache)
-        mx.eval([c.state for c in cache])
     return cache
 
 
@@ -66,6 +65,7 @@ def sample(
     )
     try:
         caches = [prefill(model, p) for p in prompts]
+        mx.eval([c.state for cache in caches for c in cache if c.keys is not None])  # one sync
         uids = gen.insert(
             [[p[-1]] for p in prompts for _ in range(group_size)],
             caches=[c for c in caches for _ in range(group_size)],

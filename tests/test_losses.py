@@ -434,3 +434,42 @@ def test_shared_readout_equals_separate_policy_and_lens_passes():
     for i in (1, 2):
         np.testing.assert_allclose(_np(g_got[i]), _np(g_want[i]), rtol=1e-4, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("tau", [0.8, 1.3])
+def test_frozen_readout_takes_gradients_ahead_exactly(tau):
+    """With a frozen readout (params {}, as under LoRA) the chunked pass takes its gradients in
+    the forward pass: same values and the same gradients for the final layer's and the
+    students' streams as separate passes with recomputation, for weighted (non-uniform)
+    cotangents on every output, over several chunks."""
+    params, final, student, mask = _fixture(11)
+    rng = np.random.default_rng(11)
+    other = mx.array(rng.normal(size=final.shape).astype(np.float32))
+    targets = mx.array(rng.integers(0, V, (B, T)))
+    frozen = _mx_params(params)
+
+    def readout(_, h):  # closes over the weights: nothing to train
+        return _readout(frozen, h)
+
+    w = [mx.array(rng.normal(size=(B, T)).astype(np.float32)) for _ in range(4)]
+    temp = 0.8
+
+    def fused(h, s1, s2):
+        logp, ent, (j1, j2) = token_logprobs_lens_js(h, targets, [s1, s2], readout, {}, temp,
+                                                     tau, chunk_size=3)
+        return (w[0] * logp + w[1] * ent + w[2] * j1 + w[3] * j2).sum(), (logp, ent, j1, j2)
+
+    def separate(h, s1, s2):
+        logp, ent = token_logprobs_entropy(h, targets, readout, {}, temp, chunk_size=3)
+        j1, _ = lens_js_loss(s1, h, readout, {}, mx.ones((B, T)), tau, chunk_size=3)
+        j2, _ = lens_js_loss(s2, h, readout, {}, mx.ones((B, T)), tau, chunk_size=3)
+        return (w[0] * logp + w[2] * j1 + w[3] * j2).sum() + (w[1] * ent).sum(), (logp, ent, j1, j2)
+
+    args = (mx.array(final), mx.array(student), other)
+    (_, got), g_got = mx.value_and_grad(fused, argnums=(0, 1, 2))(*args)
+    (_, want), g_want = mx.value_and_grad(separate, argnums=(0, 1, 2))(*args)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(_np(a), _np(b), rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_got, g_want):
+        assert np.abs(_np(b)).max() > 1e-3
+        np.testing.assert_allclose(_np(a), _np(b), rtol=1e-4, atol=1e-6)
