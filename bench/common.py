@@ -60,8 +60,9 @@ def bench_model(spec: TinySpec = CPU_MODEL) -> Path:
     return path
 
 
-def arith_prompts(tokenizer, n: int) -> list[list[int]]:
-    """`n` chat-templated two-digit-sum prompts (about 40 tokens each with a Qwen tokenizer)."""
+def arith_prompts(tokenizer, n: int) -> tuple[list[list[int]], list[str]]:
+    """Token ids of `n` chat-templated two-digit-sum prompts (about 40 tokens each with a Qwen
+    tokenizer) and their answers."""
     examples = load_examples(ARITH, "train")[:n]
     return [render_prompt(tokenizer, ex.prompt) for ex in examples], [ex.answer for ex in examples]
 
