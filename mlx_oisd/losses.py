@@ -224,9 +224,9 @@ def token_logprobs(
 ) -> mx.array:
     """log softmax(readout(params, h) / temperature) at the target tokens, in float32.
 
-    Used for the policy log-probs (h = final residual stream, readout = W_U N_L) and for
-    BuPO's internal policy (h = layer-l residual stream). Rows are read out ``chunk_size`` at
-    a time, each recomputed in the backward pass (see the module docstring).
+    The policy log-probs (h = final residual stream, readout = W_U N_L; the training pass uses
+    ``token_logprobs_lens_js``, which adds the lens terms to the same chunks). Rows are read out
+    ``chunk_size`` at a time, each recomputed in the backward pass (see the module docstring).
 
     Args:
         h: [B, T, D] hidden states at the positions that predict the targets.

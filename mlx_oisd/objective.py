@@ -10,7 +10,8 @@ The prompt is shared: its columns 0..P-2 are computed once per distinct prompt a
 values gathered for the prompt's G rows (`Model.forward_shared_prefix`), so only the C query
 positions of each row are computed per row. The first inner iteration takes its own (detached)
 log-probs as the old ones (`old_logp=None`): ratio == 1 exactly and no separate forward pass;
-they are returned for the later iterations. Reference log-probs go through the same `forward`.
+they are returned for the later iterations. Reference log-probs go through the same `forward`
+(with nothing captured).
 With `algorithm: grpo` (or both lambdas 0) no internals are captured and no alignment term is
 built: plain GRPO, the same code path.
 `algorithm: bupo` scores the layer-l lens policy while `bupo_active`, then plain GRPO.

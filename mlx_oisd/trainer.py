@@ -251,9 +251,10 @@ def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array
     advs = [adv[i:i + (size or len(adv))] for i in range(0, len(adv), size or len(adv))]
     old = [None] * len(micro)
     ref = [None] * len(micro)
-    if cfg.beta > 0:
+    if cfg.beta > 0:  # the final layer of the base model; no OISD internals to capture
+        ref_spec = replace(spec, algorithm="grpo")
         with adapters_disabled(model):
-            ref = [policy_logprobs(model, mb, replace(spec, bupo_active=False))[0] for mb in micro]
+            ref = [policy_logprobs(model, mb, ref_spec)[0] for mb in micro]
         mx.eval(ref)
     num_tokens = batch.response_mask.sum()
     num_seqs = batch.tokens.shape[0]
