@@ -468,8 +468,9 @@ def _map_rows_grad_ahead(
     @mapped.vjp
     def mapped_vjp(primals, cotangents, outputs):
         jacobians = dict(zip(inputs, outputs[1:]))
-        return [cotangents[0][:, columns[i], None] * jacobians[i] if i in jacobians
-                else mx.zeros_like(r) for i, r in enumerate(primals)]
+        # The cotangent is float32 (the columns are); each input's comes back in its own dtype.
+        return [(cotangents[0][:, columns[i], None] * jacobians[i]).astype(r.dtype)
+                if i in jacobians else mx.zeros_like(r) for i, r in enumerate(primals)]
 
     return mapped(*rows)[0]
 

@@ -3,7 +3,7 @@
 Tests build them on the fly, and `builtin:tiny` names one cached under the user's cache directory.
 The folder is what `save_pretrained` would write for a Qwen3ForCausalLM (config.json,
 model.safetensors with PyTorch-format metadata, generation_config.json) plus a byte-level BPE
-tokenizer built with `tokenizers` and a chat template that renders like Qwen3's, so every loader
+tokenizer built with `tokenizers` and Qwen3's own chat template, so every loader
 (`mlx_oisd.load`, `mlx_lm.load`, transformers) reads it.
 """
 
@@ -20,23 +20,11 @@ from .models.qwen3 import Model, ModelArgs
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
-# Qwen3's template for plain system/user/assistant turns: earlier assistant turns lose their
-# reasoning, and `enable_thinking=False` pre-fills an empty think block, as Qwen3's does.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- set content = message['content'] %}"
-    "{%- if message['role'] == 'assistant' and not loop.last and '</think>' in content %}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
+# Qwen3's own chat template, verbatim: the `chat_template` of Qwen/Qwen3-0.6B's
+# tokenizer_config.json (tools, `reasoning_content`, earlier turns' reasoning dropped, and
+# `enable_thinking=False` pre-filling an empty think block).
+CHAT_TEMPLATE = (Path(__file__).parent / "data" / "qwen3_chat_template.jinja").read_text(
+    encoding="utf-8")
 
 # Qwen2/3's pre-tokenizer pattern: among others, every digit is its own token.
 QWEN_SPLIT = (
@@ -67,6 +55,7 @@ class TinySpec:
     added_tokens: tuple[str, ...] = ()  # strings that become single (non-special) tokens
     vocab_size: int | None = None
     init_std: float = 0.02
+    dtype: str = "float32"  # of the saved weights: float32, bfloat16 (real checkpoints), float16
     seed: int = 0
 
 
@@ -131,7 +120,7 @@ def model_config(spec: TinySpec, vocab_size: int, eos_ids: list[int]) -> dict:
         "attention_bias": False,
         "attention_dropout": 0.0,
         "use_cache": True,
-        "torch_dtype": "float32",
+        "torch_dtype": spec.dtype,
         "bos_token_id": None,
         "eos_token_id": eos_ids[0],
         "pad_token_id": eos_ids[1],
@@ -160,6 +149,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec(), corpus=No
     config = model_config(spec, vocab_size, eos_ids)
     model = Model(ModelArgs.from_dict(config))
     weights = random_weights(model, spec.init_std, spec.seed)
+    weights = {k: v.astype(getattr(mx, spec.dtype)) for k, v in weights.items()}
     mx.eval(weights)
     save_tokenizer(tok, out_dir)
     atomic_write(
@@ -167,8 +157,8 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec(), corpus=No
         lambda p: mx.save_safetensors(str(p), weights, metadata={"format": "pt"}),
     )
     write_json(out_dir / "generation_config.json", {"eos_token_id": eos_ids, "pad_token_id": eos_ids[1]})
-    write_json(out_dir / "config.json", config)  # last: a folder with config.json is complete
     write_json(out_dir / "tiny_spec.json", asdict(spec))
+    write_json(out_dir / "config.json", config)  # last: a folder with config.json is complete
     return out_dir
 
 
