@@ -15,7 +15,7 @@ counts both).
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_unflatten
 
 HALF = (mx.bfloat16, mx.float16)
 
@@ -30,13 +30,14 @@ class MasterAdamW(optim.AdamW):
     `update(model, grads)` is the only entry point that differs from AdamW's."""
 
     def update(self, model: nn.Module, gradients: dict):
-        params = model.trainable_parameters()
+        params = dict(tree_flatten(model.trainable_parameters()))
+        grads = tree_flatten(gradients)
         if "master" not in self.state:
-            self.state["master"] = tree_map(lambda g, p: p.astype(mx.float32), gradients, params)
-        grads = tree_map(lambda g: g.astype(mx.float32), gradients)
+            self.state["master"] = tree_unflatten([(k, params[k].astype(mx.float32)) for k, _ in grads])
+        grads = tree_unflatten([(k, g.astype(mx.float32)) for k, g in grads])
         master = self.apply_gradients(grads, self.state["master"])
         self.state["master"] = master
-        model.update(tree_map(lambda m, p: m.astype(p.dtype), master, params))
+        model.update(tree_unflatten([(k, m.astype(params[k].dtype)) for k, m in tree_flatten(master)]))
 
 
 def make_adamw(model: nn.Module, learning_rate, weight_decay: float) -> optim.AdamW:
