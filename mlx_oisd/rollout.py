@@ -1,9 +1,12 @@
 """Rollouts: G completions per prompt from the final layer, with mlx-lm's `BatchGenerator`.
 
-All B*G sequences decode together. Each prompt is prefilled once and its KV cache is shared by the
-G members of its group (BatchGenerator copies caches when it merges them into its batch, so one
-prefill serves the whole group). The sampled end-of-sequence token is kept: it is part of the
-action and of the loss. Rollouts always sample from the full model, never from a lens.
+At most `batch_size` rows (`rollout_batch_size`; default all B*G) decode together, and freed
+slots are refilled as rows finish, so the KV cache grows with the cap times (prompt + completion),
+not with B*G. Each prompt is prefilled once and its KV cache is shared by the G members of its
+group (BatchGenerator copies caches when it merges them into its batch, so one prefill serves the
+whole group). mlx-lm's BatchGenerator keeps a full-precision KV cache (no `kv_bits` in 0.32).
+The sampled end-of-sequence token is kept: it is part of the action and of the loss. Rollouts
+always sample from the full model, never from a lens.
 
 `pack` lays a step's sequences out for the loss: prompts left-padded to P columns, completions
 right-padded to C columns, so every response starts at column P and the response logits are the
@@ -17,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import apply_top_p, make_sampler
 
 
 @dataclass
@@ -42,6 +45,22 @@ def prefill(model: nn.Module, prompt: list[int]):
     return cache
 
 
+def row_sampler(key: mx.array, temperature: float, top_p: float):
+    """A sampler for one row that draws from its own key stream (split at every call), so the
+    row's tokens do not depend on which other rows share its decode batch. The chain is
+    mlx-lm's `make_sampler` for (temp, top_p) with an explicit key: mlx-lm's own sampler draws
+    from the global RNG over the whole batch."""
+    state = [key]
+
+    def sampler(logprobs: mx.array) -> mx.array:  # (1, V) -> (1,)
+        state[0], sub = mx.random.split(state[0])
+        if 0 < top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1.0 / temperature), key=sub)
+
+    return sampler
+
+
 def sample(
     model: nn.Module,
     prompts: list[list[int]],
@@ -50,37 +69,73 @@ def sample(
     stop_ids,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    batch_size: int | None = None,
+    seed: int | None = None,
 ) -> Rollout:
-    """Sample `group_size` completions for each prompt, all B*G rows decoding at once."""
+    """Sample `group_size` completions for each prompt, at most `batch_size` rows decoding at once
+    (None: all B*G).
+
+    Rows enter in order as earlier ones finish; a prompt is prefilled when its first row enters,
+    and its cache is dropped once its last row has entered, so at most one prompt cache lives
+    outside the decode batch. With `seed`, row i samples from its own key stream
+    (`mx.random.split(mx.random.key(seed), B*G)[i]`): the completions are the same for every
+    `batch_size` (up to float rounding of the logits in batches of other shapes). With
+    seed None, one mlx-lm sampler draws from the global RNG for the whole batch: reproducible
+    under `mx.random.seed`, but a different cap gives different samples. temperature 0: greedy.
+    """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("rollout: empty prompt")
     n = len(prompts) * group_size
+    cap = n if batch_size is None else max(1, min(batch_size, n))
+    greedy = temperature == 0
+    keys = None if seed is None or greedy else mx.random.split(mx.random.key(seed), n)
     gen = BatchGenerator(
         model,
         max_tokens=max_tokens,
         stop_tokens=[[t] for t in sorted(stop_ids)],
         sampler=make_sampler(temp=temperature, top_p=top_p),
-        completion_batch_size=n,
-        prefill_batch_size=n,
+        completion_batch_size=cap,
+        prefill_batch_size=cap,
     )
+    tokens = [[] for _ in range(n)]
+    row_of = {}  # BatchGenerator uid -> row
     try:
-        caches = [prefill(model, p) for p in prompts]
-        mx.eval([c.state for cache in caches for c in cache if c.keys is not None])  # one sync
-        uids = gen.insert(
-            [[p[-1]] for p in prompts for _ in range(group_size)],
-            caches=[c for c in caches for _ in range(group_size)],
-        )
-        tokens = {u: [] for u in uids}
-        while responses := gen.next_generated():
-            for r in responses:
-                tokens[r.uid].append(r.token)
+        nxt, active, cache = 0, 0, None
+        while nxt < n or active:
+            rows = list(range(nxt, min(n, nxt + cap - active)))
+            caches, fresh = [], []
+            for i in rows:
+                if i % group_size == 0:
+                    cache = prefill(model, prompts[i // group_size])
+                    fresh += [c.state for c in cache if c.keys is not None]
+                caches.append(cache)
+            mx.eval(fresh)  # one sync for the prompts entering now
+            if rows:
+                samplers = None if keys is None else [
+                    row_sampler(keys[i], temperature, top_p) for i in rows]
+                uids = gen.insert([[prompts[i // group_size][-1]] for i in rows], caches=caches,
+                                  samplers=samplers)
+                row_of.update(zip(uids, rows))
+                nxt, active = rows[-1] + 1, active + len(rows)
+                if nxt % group_size == 0:
+                    cache = None  # the group is in: its prompt cache lives only in the batch
+            active = _collect(gen.next_generated(), tokens, row_of, active)
     finally:
         gen.close()
-    completions = [tokens[u] for u in uids]
     stop = set(stop_ids)
-    truncated = [not (c and c[-1] in stop) for c in completions]
-    return Rollout(prompts=list(prompts), completions=completions, truncated=truncated,
+    truncated = [not (c and c[-1] in stop) for c in tokens]
+    return Rollout(prompts=list(prompts), completions=tokens, truncated=truncated,
                    group_size=group_size)
+
+
+def _collect(responses, tokens: list[list[int]], row_of: dict[int, int], active: int) -> int:
+    """Append one decode step's tokens to their rows; returns the rows still decoding. (A
+    function, so no response outlives the step: a finished row's response holds a view of the
+    whole batch's KV cache.)"""
+    assert responses or not active, "BatchGenerator went idle with rows still decoding"
+    for r in responses:
+        tokens[row_of[r.uid]].append(r.token)
+    return active - sum(r.finish_reason is not None for r in responses)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .io import atomic_write, read_jsonl, write_json
 from .loading import load_model, tokenizer_for
 from .lora import apply_lora, save_adapters
+from .precision import make_adamw
 
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt", "tiny_spec.json")
@@ -114,9 +115,10 @@ def sft(model: str | Path, rows: list[dict], out_dir: str | Path, iters: int = 2
         raise SftDataError(f"{len(rows)} rows is fewer than batch_size={batch_size}")
     encoded = encode_rows(tokenizer, rows)
     warmup = max(1, iters // 10)
-    optimizer = optim.AdamW(learning_rate=optim.join_schedules(
+    optimizer = make_adamw(net, optim.join_schedules(
         [optim.linear_schedule(0.0, learning_rate, warmup),
-         optim.cosine_decay(learning_rate, max(iters - warmup, 1))], [warmup]))
+         optim.cosine_decay(learning_rate, max(iters - warmup, 1))], [warmup]),
+        weight_decay=0.01)  # mlx's AdamW default
     mx.random.seed(seed)  # LoRA initialisation
     rng = np.random.default_rng(seed)
     order = []

@@ -75,3 +75,58 @@ def test_select_reindexes_the_prompts():
     tail = b.select(slice(3, 6))  # starts inside prompt 1's group
     np.testing.assert_array_equal(np.asarray(tail.group), [0, 1, 1])
     np.testing.assert_array_equal(np.asarray(tail.targets)[:, 0], [9, 10, 11])
+
+
+def _capped_cases(make_tiny):
+    model, tok = load(make_tiny(init_std=0.3, tie_word_embeddings=False, seed=5))
+    prompts = [tok.encode("What is 1+2?"), tok.encode("hello there, friend"), tok.encode("a")]
+    return model, tok, prompts
+
+
+def test_capped_greedy_rollout_equals_uncapped(make_tiny):
+    """Greedy decoding: a cap below B*G (rows entering as others finish, groups split across
+    waves) gives exactly the uncapped completions."""
+    model, tok, prompts = _capped_cases(make_tiny)
+    full = sample(model, prompts, 3, 12, tok.eos_token_ids, temperature=0.0)
+    assert len({len(c) for c in full.completions}) > 1  # rows finish at different steps
+    for cap in (1, 2, 4):
+        capped = sample(model, prompts, 3, 12, tok.eos_token_ids, temperature=0.0, batch_size=cap)
+        assert capped.completions == full.completions
+        assert capped.truncated == full.truncated
+
+
+def test_capped_sampled_rollout_equals_uncapped_with_row_seeds(make_tiny):
+    """With `seed`, every row samples from its own key stream: temperature-1 / top-p samples are
+    the same whatever the cap. Without it, one sampler draws for the whole decode batch, so a
+    different batch composition gives different samples (only reproducible at a fixed cap)."""
+    model, tok, prompts = _capped_cases(make_tiny)
+    for temperature, top_p, cap in ((1.0, 1.0, 2), (0.8, 0.9, 5)):
+        full = sample(model, prompts, 3, 8, tok.eos_token_ids, temperature, top_p, seed=7)
+        assert len({tuple(c) for c in full.completions}) > 3  # real samples, not one answer
+        capped = sample(model, prompts, 3, 8, tok.eos_token_ids, temperature, top_p,
+                        batch_size=cap, seed=7)
+        assert capped.completions == full.completions
+    other = sample(model, prompts, 3, 8, tok.eos_token_ids, 0.8, 0.9, seed=8)
+    assert other.completions != full.completions
+
+
+def _rollout_peak(model, prompts, G, max_tokens, cap):
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    sample(model, prompts, G, max_tokens, stop_ids=[], batch_size=cap)
+    return mx.get_peak_memory() - base
+
+
+def test_capped_rollout_peak_grows_with_the_cap_not_with_the_batch(make_tiny):
+    """KV cache: 8 kv heads x 64 dims x 4 blocks x 4 B = 16 KB per position and row, about 4 MB
+    per row (mlx-lm allocates 256 positions at a time); the logits are negligible (V=261)."""
+    model, tok = load(make_tiny(num_heads=8, num_kv_heads=8, head_dim=64, seed=1))
+    prompts = [tok.encode("What is 1+2?"), tok.encode("hello there, friend")]
+    row = 4 * 2 * 8 * 64 * 4 * 256
+    two_of_8 = _rollout_peak(model, prompts, 4, 16, cap=2)
+    two_of_16 = _rollout_peak(model, prompts * 2, 4, 16, cap=2)
+    all_8 = _rollout_peak(model, prompts, 4, 16, cap=8)
+    assert abs(two_of_16 - two_of_8) < row  # twice the rows, the same peak
+    assert all_8 - two_of_8 > 4 * row  # six more rows decoding: about six more rows of cache

@@ -5,8 +5,10 @@ Rules, in the order they apply:
   is left without its `<think>` (the chat template opened the block in the prompt), everything up
   to the last `</think>`; then, if a `<think>` is left open (generation stopped while thinking),
   everything from it to the end.
-- `extract_answer` returns the content of the LAST `\\boxed{...}` / `\\fbox{...}` with balanced
-  braces (or `\\boxed 5`, the brace-less form); else the text after the last `#### ` (GSM8K);
+- `extract_answer` reads the text up to its first end-of-turn token (`<|im_end|>`,
+  `<|endoftext|>`: a decoded completion ends with the EOS it sampled), and returns the content of
+  the LAST `\\boxed{...}` / `\\fbox{...}` with balanced braces (or `\\boxed 5`, the brace-less
+  form); else the text after the last `#### ` (GSM8K);
   else the rest of the last `Answer: X` / `The (final) answer is X` line; else None.
   The result loses surrounding whitespace, `$` and `\\( \\)` delimiters and one trailing period.
 """
@@ -17,6 +19,8 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*")
 _GSM8K = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_ANCHOR = re.compile(r"answer\s+is|answer\s*(?:\*\*)?\s*:", re.IGNORECASE)
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>")  # Qwen's EOS tokens, kept in decoded completions
+_END_OF_TURN = re.compile("|".join(re.escape(t) for t in END_OF_TURN))
 
 
 def strip_thinking(text: str) -> str:
@@ -98,6 +102,7 @@ def extract_answer(text: str) -> str | None:
 
     Call `strip_thinking` first if the text may contain reasoning blocks.
     """
+    text = _END_OF_TURN.split(text, maxsplit=1)[0]  # else "#### 5<|im_end|>" reads "5<|im_end|>"
     boxed = [b for b in boxed_contents(text) if b is not None]
     if boxed:
         candidates = boxed
