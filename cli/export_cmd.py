@@ -22,6 +22,8 @@ def export(
                              "`model` in the run's config.yaml next to the adapters."),
     push_to_hub: str = typer.Option(None, "--push-to-hub", help="Upload the folder to this Hub "
                                     "repo (owner/name), created if needed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out "
+                                   "(never a run's adapters/ or checkpoints/)."),
 ):
     """Export trained adapters as a PEFT adapter, a fused model or an mlx-lm adapter folder.
 
@@ -39,11 +41,13 @@ def export(
     """
     from mlx_oisd.export import ExportError
     from mlx_oisd.export import export as run_export
+    from mlx_oisd.io import DiskFullError
     from mlx_oisd.loading import ModelLoadError
 
     try:
-        path = run_export(adapter_dir, fmt.value, out, base=base, push_to_hub_repo=push_to_hub)
-    except (ExportError, ModelLoadError) as e:
+        path = run_export(adapter_dir, fmt.value, out, base=base, push_to_hub_repo=push_to_hub,
+                          overwrite=overwrite)
+    except (ExportError, ModelLoadError, DiskFullError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {path}")

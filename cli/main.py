@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 
 import mlx_oisd
-from cli import eval_cmd, export_cmd
+from cli import eval_cmd, export_cmd, plan_cmd
 
 app = typer.Typer(
     name="oisd-mlx",
@@ -59,16 +59,24 @@ def train(
 
       oisd-mlx train configs/qwen3-0.6b-oisd.yaml --resume
     """
+    from mlx_oisd.checkpoint import CheckpointError
     from mlx_oisd.config import ConfigError, load_config
     from mlx_oisd.data.sources import DataError
+    from mlx_oisd.io import DiskFullError
     from mlx_oisd.loading import ModelLoadError
+    from mlx_oisd.runlock import RunLockedError
+    from mlx_oisd.trainer import TrainingStopped
     from mlx_oisd.trainer import train as run_training
 
     try:
         cfg = load_config(config, set_)
         run = run_training(cfg, resume=resume, show_progress=not quiet)
-    except (ConfigError, ModelLoadError, DataError) as e:
+    except (ConfigError, ModelLoadError, DataError, CheckpointError, RunLockedError,
+            DiskFullError) as e:
         _fail(e)
+    except TrainingStopped as e:  # a signal or non-finite updates; the good state is saved
+        typer.echo(str(e), err=True)
+        raise typer.Exit(e.exit_code) from None
     from mlx_oisd.metrics import read_metrics, run_summary
 
     out = run.out_dir
@@ -141,6 +149,7 @@ def plot(
 
 
 eval_cmd.register(app)
+plan_cmd.register(app)
 export_cmd.register(app)
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import math
+import operator
 import re
 import types
 import typing
@@ -96,6 +98,8 @@ class TrainConfig:
     batch_size: int = 8  # prompts per step
     num_generations: int = 8  # G, completions per prompt
     max_completion_length: int = 1024
+    max_prompt_length: int = 512  # tokens of the rendered prompt (chat template included)
+    truncate_prompts: bool = False  # false: longer prompts are dropped; true: cut from the left
     temperature: float = 1.0
     top_p: float = 1.0
     enable_thinking: bool = False
@@ -105,7 +109,11 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0: no clipping
-    minibatch_size: int | None = None  # completions per micro-batch (gradient accumulation); None: all
+    minibatch_size: int | Literal["auto"] | None = None  # completions per micro-batch (gradient
+    # accumulation); None: all; auto: the largest that fits the memory plan (mlx_oisd.memory)
+    rollout_batch_size: int | Literal["auto"] = "auto"  # rows decoding at once; auto: memory plan
+    memory_limit_gb: float | None = None  # memory budget; None: Metal's recommended working set,
+    # else the machine's RAM
     lora: LoraConfig | None = field(default_factory=LoraConfig)  # None: full fine-tuning
     quantize: QuantizeConfig | None = None
     # objective
@@ -133,6 +141,7 @@ class TrainConfig:
     eval_every: int = 0  # also every N steps; 0: before and after training only
     # bookkeeping
     save_every: int = 50  # 0: save only at the end
+    max_nonfinite_steps: int = 3  # stop after this many steps in a row with non-finite updates
     seed: int = 0
 
 
@@ -142,7 +151,6 @@ def _at_least(n: int) -> tuple[Callable[[Any], bool], str]:
 
 _POSITIVE = ((lambda v: v > 0), "> 0")
 _NON_EMPTY = ((lambda v: len(v) > 0), "non-empty")
-_FRACTION = ((lambda v: 0 <= v < 1), "in [0, 1)")
 
 # Impossible values, keyed by dotted path; "[]" stands for every element of a list.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -155,21 +163,24 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": _at_least(1),
     "num_generations": ((lambda v: v >= 2), ">= 2 (a group of one has no advantage)"),
     "max_completion_length": _at_least(1),
+    "max_prompt_length": _at_least(1),
     "temperature": _POSITIVE,
     "top_p": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "learning_rate": _POSITIVE,
     "warmup_steps": _at_least(0),
     "weight_decay": _at_least(0),
     "max_grad_norm": _at_least(0),
-    "minibatch_size": _at_least(1),
+    "minibatch_size": ((lambda v: v == "auto" or v >= 1), ">= 1, auto or null"),
+    "rollout_batch_size": ((lambda v: v == "auto" or v >= 1), ">= 1 or auto"),
+    "memory_limit_gb": _POSITIVE,
     "lora.rank": _at_least(1),
     "lora.scale": _POSITIVE,
-    "lora.dropout": _FRACTION,
+    "lora.dropout": ((lambda v: 0 <= v <= 0.9), "in [0, 0.9]"),
     "lora.num_layers": ((lambda v: v == -1 or v >= 1), "-1 (all blocks) or >= 1"),
     "lora.keys": _NON_EMPTY,
     "lora.keys[]": _NON_EMPTY,
-    "epsilon": _POSITIVE,
-    "epsilon_high": _POSITIVE,
+    "epsilon": ((lambda v: 0 < v < 1), "in (0, 1)"),
+    "epsilon_high": ((lambda v: 0 < v <= 10), "in (0, 10]"),
     "beta": _at_least(0),
     "num_iterations": _at_least(1),
     "oisd.student_layers": (
@@ -189,7 +200,19 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_k": _at_least(1),
     "eval_every": _at_least(0),
     "save_every": _at_least(0),
+    "max_nonfinite_steps": _at_least(1),
 }
+
+# Keys a resumed run may change: they leave shapes, data and the objective alone (the step size
+# too: lowering learning_rate is the way on after non-finite updates). Every other key (model,
+# lora.*, dataset.*, algorithm, batch sizes, seed, ...) changes the run, so a resume with a
+# different value is refused (`config_diff`, trainer.setup).
+HARMLESS_KEYS = frozenset({
+    "output_dir", "max_steps", "save_every", "eval_split", "eval_samples", "eval_k",
+    "eval_every", "reward_timeout", "loss_chunk_size", "compile", "minibatch_size",
+    "rollout_batch_size", "memory_limit_gb",
+    "max_nonfinite_steps", "learning_rate", "max_grad_norm",
+})
 
 # PyYAML follows YAML 1.1, which reads `1e-5` (no dot) as a string; accept that spelling.
 _EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
@@ -237,9 +260,19 @@ def _schema_paths(cls: type, prefix: str = "") -> list[str]:
 
 
 def _strip_optional(tp: Any) -> Any:
+    """`X | None` -> X, `X | Y | None` -> `X | Y`; any other type unchanged."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        args = typing.get_args(tp)
+        if type(None) in args:
+            rest = tuple(a for a in args if a is not type(None))
+            return functools.reduce(operator.or_, rest)
     return tp
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " / ".join(map(str, typing.get_args(tp)))
+    return "a number" if tp is float else _TYPE_NAMES.get(tp, str(tp))
 
 
 class _Checker:
@@ -266,6 +299,8 @@ class _Checker:
         if _strip_optional(tp) is not tp:
             return None if value is None else self.typed(value, _strip_optional(tp), path, rule)
         origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]
+            return self.union(value, args, path, rule)
         if dataclasses.is_dataclass(tp):
             return self.dataclass(value, tp, path, rule)
         if origin is list:
@@ -286,6 +321,15 @@ class _Checker:
         if tp in _TYPE_NAMES:
             return self.expected(_TYPE_NAMES[tp], path, value)
         raise TypeError(f"config schema: unsupported type {tp!r} for '{path}'")
+
+    def union(self, value: Any, members: tuple, path: str, rule: str) -> Any:
+        """The value as the first member type that takes it without a problem."""
+        for tp in members:
+            scratch = _Checker(self.source)
+            out = scratch.typed(value, tp, path, rule)
+            if not scratch.problems:
+                return out
+        return self.expected(" or ".join(map(_describe, members)), path, value)
 
     def number(self, value: Any, path: str) -> Any:
         if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
@@ -396,6 +440,31 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
 def to_dict(cfg: TrainConfig) -> dict:
     """Plain dicts, lists and scalars; `validate(to_dict(cfg)) == cfg`."""
     return dataclasses.asdict(cfg)
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The dotted keys whose values differ between two plain config dicts (`to_dict`), sorted:
+    `[(key, old_value, new_value), ...]`. Mappings on both sides are compared key by key; a
+    mapping against null (`lora: null`) or a list is one difference; a key on one side only is
+    compared with None."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b, path = old.get(key), new.get(key), _join(prefix, key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, path)
+        elif a != b:
+            out.append((path, a, b))
+    return out
+
+
+def _prefixes(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def run_changes(diff: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+    """The differences of `config_diff` that change the run (not in HARMLESS_KEYS)."""
+    return [d for d in diff if not any(p in HARMLESS_KEYS for p in _prefixes(d[0]))]
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:

@@ -106,8 +106,10 @@ def _score(texts: list[str], answers: list[str], checker: MathChecker | None):
 def sample_correct(model, tokenizer, examples, n: int, max_tokens: int, temperature: float = 1.0,
                    top_p: float = 1.0, system_prompt: str | None = None,
                    enable_thinking: bool = False, checker: MathChecker | None = None,
-                   prompts_per_chunk: int = 64, sampler: Callable | None = None):
-    """Sample n completions per example and score them.
+                   prompts_per_chunk: int = 64, sampler: Callable | None = None,
+                   max_prompt_length: int | None = None):
+    """Sample n completions per example and score them (prompts longer than
+    `max_prompt_length` tokens keep their last ones, as training's `truncate_prompts`).
 
     Returns correct [P, n] float32 (row i: the n samples of example i) and info {"tokens": total
     completion tokens, "truncated": completions cut by max_tokens, "failed": reward errors and
@@ -118,7 +120,7 @@ def sample_correct(model, tokenizer, examples, n: int, max_tokens: int, temperat
     for start in range(0, len(examples), prompts_per_chunk):
         chunk = examples[start:start + prompts_per_chunk]
         prompts = [render_prompt(tokenizer, ex.prompt, system_prompt, enable_thinking)
-                   for ex in chunk]
+                   [-(max_prompt_length or 0):] for ex in chunk]
         rollout = sampler(model, prompts, n, max_tokens, tokenizer.eos_token_ids, temperature,
                           top_p)
         texts = [tokenizer.decode(c) for c in rollout.completions]
@@ -134,10 +136,12 @@ def sample_correct(model, tokenizer, examples, n: int, max_tokens: int, temperat
 def avg_at_k(model, tokenizer, examples, k: int = 1, max_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, system_prompt: str | None = None,
              enable_thinking: bool = False, checker: MathChecker | None = None,
-             prompts_per_chunk: int = 64) -> tuple[float, np.ndarray]:
+             prompts_per_chunk: int = 64,
+             max_prompt_length: int | None = None) -> tuple[float, np.ndarray]:
     """Avg@k of `examples` (each with .prompt, .answer); returns (avg, per-problem accuracy [n])."""
     correct, _ = sample_correct(model, tokenizer, examples, k, max_tokens, temperature, top_p,
-                                system_prompt, enable_thinking, checker, prompts_per_chunk)
+                                system_prompt, enable_thinking, checker, prompts_per_chunk,
+                                max_prompt_length=max_prompt_length)
     acc = correct.mean(axis=1) if len(correct) else np.zeros(0)
     return float(acc.mean()) if len(acc) else 0.0, acc
 

@@ -177,6 +177,33 @@ def peft_tensors(adapter: Adapter) -> tuple[dict[str, mx.array], dict]:
     return tensors, fields
 
 
+def _is_run(folder: Path) -> bool:
+    """A training run's output_dir: its resolved config.yaml next to a checkpoints/ folder."""
+    return (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir()
+
+
+def check_destination(out: Path, adapter_dir: Path, overwrite: bool) -> None:
+    """Refuse an `--out` that would overwrite something: the adapter folder itself, a file, a
+    run's `adapters/` (training rewrites it) or anything inside a run's `checkpoints/` (even with
+    `overwrite`), or a non-empty folder without `overwrite`."""
+    where = out.resolve()
+    if where == adapter_dir.resolve():
+        raise ExportError(f"--out {out} is the adapter folder itself; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder")
+    for folder in (where, *where.parents):
+        if folder.name == "checkpoints" and _is_run(folder.parent):
+            raise ExportError(f"--out {out} is inside the checkpoints/ folder of the training run "
+                              f"{folder.parent}; export to a folder outside the run's checkpoints")
+    if where.name == "adapters" and _is_run(where.parent):
+        raise ExportError(f"--out {out} is the adapters/ folder of the training run {where.parent} "
+                          "(training rewrites it); choose another folder")
+    if not overwrite and out.is_dir() and (entries := sorted(p.name for p in out.iterdir())):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ExportError(f"--out {out} is not empty ({len(entries)} entries: {shown}); pass "
+                          "--overwrite to write over its files, or choose an empty or new folder")
+
+
 def export_peft(adapter: Adapter, base: str, out: Path) -> Path:
     tensors, fields = peft_tensors(adapter)
     config = {
@@ -247,19 +274,19 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def export(adapter_dir: str | Path, fmt: str, out: str | Path, base: str | None = None,
-           push_to_hub_repo: str | None = None, api=None) -> Path:
+           push_to_hub_repo: str | None = None, api=None, overwrite: bool = False) -> Path:
     """Write `adapter_dir` as `fmt` (peft | fused | mlx) into `out` with a README.md model card,
-    then upload `out` to `push_to_hub_repo` when given. Returns `out`."""
+    then upload `out` to `push_to_hub_repo` when given. Returns `out`.
+
+    `out` must be empty or new unless `overwrite`, and never a training run's `adapters/` or
+    anything inside its `checkpoints/` (see `check_destination`)."""
     if fmt not in FORMATS:
         raise ExportError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     if push_to_hub_repo:
         _check_repo_id(push_to_hub_repo)  # before writing anything
     adapter = read_adapter(adapter_dir)
     out = Path(out).expanduser()
-    if out.resolve() == adapter.path.resolve():
-        raise ExportError(f"--out {out} is the adapter folder itself; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a folder")
+    check_destination(out, adapter.path, overwrite)
     run_config = read_run_config(adapter.path)
     base = resolve_base(adapter.path, base, run_config)
     if fmt == "peft":

@@ -1,10 +1,60 @@
-"""Atomic writes: every file a run leaves behind goes through here (temp file, fsync, rename)."""
+"""Atomic writes: every file a run leaves behind goes through here (temp file, fsync, rename).
 
+A full disk surfaces as one `DiskFullError` naming the file and the free space, whichever layer
+noticed it: Python's `OSError(ENOSPC)`, or MLX's `RuntimeError("[write] Unable to write N bytes
+to file.")` from `mx.save_safetensors`. The temp file is removed and the old file kept.
+"""
+
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """A write that ran out of disk space; the message names the file and the space left."""
+
+    def __init__(self, path: str | Path, cause: Exception | str, note: str | None = None):
+        self.path, self.cause = Path(path), cause
+        super().__init__(errno.ENOSPC, f"disk full: could not write {self.path} ({cause}); "
+                         f"{_free_space(self.path)} free on its disk{'; ' + note if note else ''}. "
+                         "Free some space and rerun (with --resume for a training run)")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _free_space(path: Path) -> str:
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB"
+    return "unknown space"
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for ENOSPC / EDQUOT and for MLX's failed-write RuntimeError."""
+    if isinstance(e, OSError):
+        return e.errno in _NO_SPACE
+    return isinstance(e, RuntimeError) and "Unable to write" in str(e)
+
+
+@contextmanager
+def disk_full_names(path: str | Path):
+    """Re-raise a disk-full error inside the block as a `DiskFullError` naming `path`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        raise DiskFullError(path, e) from None
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -13,19 +63,33 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     A reader (or a resumed run) sees either the old file or the complete new one, never a half.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with disk_full_names(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
+
+
+def temp_files(folder: Path, names) -> list[Path]:
+    """The temp files `atomic_write` leaves in `folder` when killed mid-write, for each of `names`."""
+    return [p for name in names for p in folder.glob(f".{name}.*") if p.is_file()]
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append `text` and fsync (a log line: a torn last line is the most a kill can leave)."""
+    with disk_full_names(path), open(path, "a") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _umask() -> int:

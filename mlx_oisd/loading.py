@@ -2,8 +2,9 @@
 
 mlx-lm reads the weights, applies quantization and LoRA adapters and wraps the tokenizer; we only
 swap in our Qwen3 class (same parameter names, plus `forward_internals`) and turn the failures a
-user can cause (a missing folder, an unknown Hub id, another architecture, a broken adapter folder)
-into errors that say what was wrong.
+user can cause (a missing folder, an unknown Hub id, another architecture, truncated weight files,
+a tokenizer without files or chat template, a broken adapter folder) into errors that say what was
+wrong, before anything trains.
 """
 
 import json
@@ -17,6 +18,7 @@ from .models import qwen3
 
 SUPPORTED_MODEL_TYPES = {"qwen3": qwen3}
 BUILTIN_PREFIX = "builtin:"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -42,9 +44,13 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
     (downloaded into the Hugging Face cache). Raises ModelLoadError naming what is missing."""
     spec = str(path_or_repo)
     if spec.startswith(BUILTIN_PREFIX):
-        from .tiny import builtin_model_path
+        from .tiny import BUILTIN_MODELS, builtin_model_path
 
-        return builtin_model_path(spec[len(BUILTIN_PREFIX):])
+        name = spec[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            raise ModelLoadError(f"unknown built-in model {spec!r}; expected one of "
+                                 + ", ".join(f"{BUILTIN_PREFIX}{n}" for n in sorted(BUILTIN_MODELS)))
+        return builtin_model_path(name)
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -75,6 +81,27 @@ def _download(repo_id: str) -> Path:
         ) from e
 
 
+def check_safetensors(path: Path) -> None:
+    """Raise ModelLoadError naming `path` when it is not a whole safetensors file (a copy or a
+    download cut short): its header must parse and its tensors must end within the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+        except (ValueError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: not a safetensors file, or truncated ({size} bytes); "
+                             "copy or download it again")
+    end = max((v["data_offsets"][1] for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path}: truncated, {size} bytes where its header describes "
+                             f"{8 + n + end}; copy or download it again")
+
+
 def _check_adapter_folder(adapter_path: str | Path) -> Path:
     path = Path(adapter_path).expanduser()
     if not path.is_dir():
@@ -85,6 +112,21 @@ def _check_adapter_folder(adapter_path: str | Path) -> Path:
             f"{path}: missing {', '.join(missing)}; expected an mlx-lm adapter folder "
             "(adapter_config.json + adapters.safetensors) as written by `oisd-mlx train`"
         )
+    config_path = path / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{config_path}: not valid JSON ({e})") from None
+    kind = config.get("fine_tune_type", "lora") if isinstance(config, dict) else None
+    if kind not in ("lora", "dora", "full"):
+        raise ModelLoadError(f"{config_path}: expected a JSON object with fine_tune_type lora, "
+                             f"dora or full, got {str(config)[:80]}")
+    params = config.get("lora_parameters")
+    if kind != "full" and (not isinstance(config.get("num_layers"), int) or not isinstance(
+            params, dict) or not {"rank", "scale", "dropout"} <= set(params)):
+        raise ModelLoadError(f"{config_path}: missing keys; a {kind} adapter needs num_layers "
+                             "(an integer) and lora_parameters with rank, scale and dropout")
+    check_safetensors(path / "adapters.safetensors")
     return path
 
 
@@ -98,6 +140,8 @@ def load_model(path_or_repo: str | Path, adapter_path: str | Path | None = None,
     get_model_classes(config)  # fail on the architecture before reading any weight
     if not list(model_path.glob("model*.safetensors")):
         raise ModelLoadError(f"{model_path}: no model*.safetensors weight files")
+    for weights in sorted(model_path.glob("model*.safetensors")):
+        check_safetensors(weights)
     model, config = mlx_lm_load_model(model_path, lazy=lazy, get_model_classes=get_model_classes)
     if adapter_path is not None:
         model = load_adapters(model, str(_check_adapter_folder(adapter_path)))
@@ -117,6 +161,21 @@ def load(path_or_repo: str | Path, adapter_path: str | Path | None = None, lazy:
 
 
 def tokenizer_for(model_path: Path):
-    """mlx-lm's tokenizer wrapper for a model folder, with generation_config.json's EOS ids."""
+    """mlx-lm's tokenizer wrapper for a model folder, with generation_config.json's EOS ids.
+
+    Raises ModelLoadError naming the folder when it has no tokenizer files or no chat template
+    (every prompt is rendered with it)."""
+    if not any((model_path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{model_path}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}, "
+            "with tokenizer_config.json); copy them from the model's original repository"
+        )
     eos = load_config(model_path).get("eos_token_id")
-    return load_tokenizer(model_path, eos_token_ids=eos)
+    tokenizer = load_tokenizer(model_path, eos_token_ids=eos)
+    if not tokenizer.has_chat_template:
+        raise ModelLoadError(
+            f"{model_path}: the tokenizer has no chat template (no 'chat_template' in "
+            "tokenizer_config.json, no chat_template.jinja); prompts are rendered with it, so "
+            "use a chat model's tokenizer files (Qwen3's carry one)"
+        )
+    return tokenizer

@@ -2,12 +2,11 @@
 
 import json
 import math
-import os
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .io import write_text
+from .io import append_text, write_text
 
 BAR_KEYS = {"reward": "reward", "tokens_per_sec": "tok/s", "peak_memory_gb": "mem GB"}
 
@@ -38,12 +37,14 @@ class MetricsWriter:
     """Appends one JSON object per step to `path` and shows a progress bar.
 
     On resume from step s, records after s (written after the checkpoint the run resumes from)
-    are dropped first, so the file holds each step once."""
+    are dropped first, so the file holds each step once; a fresh start (s = 0) starts a fresh
+    file, as its step-0 evaluation is run again."""
 
     def __init__(self, path: Path, total_steps: int, start_step: int = 0, show: bool = True):
         self.path = Path(path)
         if self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+            kept = ([r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+                    if start_step > 0 else [])
             write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not show, unit="step",
                         dynamic_ncols=True)
@@ -51,10 +52,7 @@ class MetricsWriter:
     def write(self, record: dict, advance: bool = True) -> None:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self.path, json.dumps(record) + "\n")
         self.bar.set_postfix({label: f"{record[k]:.3g}" for k, label in BAR_KEYS.items()
                               if isinstance(record.get(k), (int, float))})
         if advance:

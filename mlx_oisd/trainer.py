@@ -11,7 +11,7 @@ so a resumed run samples what an uninterrupted one would have.
 """
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,23 +19,35 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import yaml
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from .advantages import group_advantages, keep_rows, zero_std_groups
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig, save_config, to_dict
-from .data.prompts import render_prompt
+from .checkpoint import load_checkpoint, open_checkpoints, save_checkpoint
+from .config import (
+    ConfigError,
+    TrainConfig,
+    config_diff,
+    run_changes,
+    save_config,
+    to_dict,
+    validate,
+)
+from .data.prompts import render_examples
 from .data.sampler import PromptSampler
 from .data.sources import load_examples
 from .evaluate import avg_at_k
 from .loading import load
 from .lora import adapters_disabled, apply_lora, lora_parameters
+from .memory import plan_run, set_memory_limits
 from .metrics import MetricsWriter
 from .objective import LossSpec, ObjectiveGrad, policy_logprobs
 from .plot import plot_metrics
+from .precision import make_adamw
 from .rewards import MathChecker, resolve_reward, score_batch
-from .rewards.math import DEFAULT_SCORE_FN
+from .rewards.math import DEFAULT_SCORE_FN, exit_if_reimported
 from .rollout import Batch, pack, sample
+from .runlock import RunLock
+from .signals import StopSignals
 
 
 @dataclass
@@ -52,6 +64,10 @@ class Run:
     grad_fn: ObjectiveGrad
     out_dir: Path
     start_step: int = 0
+    prompts: list = field(default_factory=list)  # rendered prompt ids of `examples`
+    notes: list = field(default_factory=list)  # lines for the console before step 1
+    nonfinite_steps: int = 0  # steps whose update was skipped (non-finite), over the whole run
+    lock: RunLock | None = None  # held until train() ends: one writer per output_dir
 
 
 def loss_spec(cfg: TrainConfig) -> LossSpec:
@@ -81,21 +97,39 @@ def lr_schedule(cfg: TrainConfig):
 
 
 def setup(cfg: TrainConfig, resume: bool = False) -> Run:
-    out_dir = Path(cfg.output_dir)
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and not resume:
-        raise ConfigError(f"output_dir {out_dir} already holds checkpoints ({ckpt.name}); pass "
-                          "--resume to continue that run, or choose another output_dir")
+    """Lock output_dir (before anything there is read or written), then build the run."""
+    exit_if_reimported()  # a reward worker importing a script that calls train() unguarded
+    lock = RunLock(cfg.output_dir)
+    try:
+        run = _setup(cfg, resume, Path(cfg.output_dir))
+    except BaseException:
+        lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _setup(cfg: TrainConfig, resume: bool, out_dir: Path) -> Run:
+    ckpt = open_checkpoints(out_dir, resume)  # verified; stale temps removed
+    notes = [] if ckpt is None else resume_notes(ckpt.path / "config.yaml", cfg)
     for i, r in enumerate(cfg.rewards):  # fail before loading anything heavy
         try:
             resolve_reward(r.name)
         except ValueError as e:
             raise ConfigError(f"rewards[{i}].name: {e}") from None
+    set_memory_limits()
+    cfg, memory_plan = plan_run(cfg)  # from config.json, before any weights load
+    notes.append(memory_plan.summary())
     model, tokenizer = load(cfg.model)
     L = model.args.num_hidden_layers
     if cfg.algorithm != "grpo" and any(not 1 <= l < L for l in cfg.oisd.student_layers):
         raise ConfigError(f"oisd.student_layers {cfg.oisd.student_layers}: student blocks must be "
                           f"in 1..{L - 1} for this {L}-block model (block {L} is the teacher)")
+    if cfg.max_prompt_length + cfg.max_completion_length > model.args.max_position_embeddings:
+        raise ConfigError(
+            f"max_prompt_length ({cfg.max_prompt_length}) + max_completion_length "
+            f"({cfg.max_completion_length}) exceeds {cfg.model}'s max_position_embeddings "
+            f"({model.args.max_position_embeddings}); lower one of them")
     if cfg.quantize is not None:
         nn.quantize(model, group_size=cfg.quantize.group_size, bits=cfg.quantize.bits)
     if cfg.lora is not None:
@@ -106,19 +140,50 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     examples = load_examples(d.source, d.split, d.config, d.prompt_field, d.answer_field, d.max_samples)
     eval_examples = [] if cfg.eval_split is None else load_examples(
         d.source, cfg.eval_split, d.config, d.prompt_field, d.answer_field, cfg.eval_samples)
+    fit = (cfg.max_prompt_length, cfg.truncate_prompts, d.system_prompt, cfg.enable_thinking)
+    examples, prompts, note = render_examples(tokenizer, examples, *fit, f"{d.source} ({d.split})")
+    if eval_examples:
+        eval_examples, _, eval_note = render_examples(tokenizer, eval_examples, *fit,
+                                                      f"{d.source} ({cfg.eval_split})")
+        note = "\n".join(n for n in (note, eval_note) if n) or None
     run = Run(
         cfg=cfg, model=model, tokenizer=tokenizer,
-        optimizer=optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay),
+        optimizer=make_adamw(model, lr_schedule(cfg), cfg.weight_decay),
         examples=examples, eval_examples=eval_examples, sampler=PromptSampler(len(examples), cfg.batch_size, cfg.seed),
         workers=reward_workers(cfg), spec=loss_spec(cfg), grad_fn=ObjectiveGrad(model, cfg.compile),
-        out_dir=out_dir,
+        out_dir=out_dir, prompts=prompts, notes=notes + ([note] if note else []),
     )
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, run.optimizer)
         run.sampler.load_state_dict(state["sampler"])
         run.start_step = state["step"]
+        run.nonfinite_steps = state.get("nonfinite_steps", 0)
     save_config(cfg, out_dir / "config.yaml")
     return run
+
+
+def resume_notes(path: Path, cfg: TrainConfig) -> list[str]:
+    """Compare `cfg` with the checkpoint's config.yaml at `path`: raise ConfigError listing the
+    keys that change the run (shapes, data, objective); return a note per harmless change."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--resume: cannot read the checkpoint's config {path} ({e})") from None
+    try:
+        old = to_dict(validate(raw, str(path)))  # defaults of keys newer than the checkpoint
+    except ConfigError:
+        old = raw if isinstance(raw, dict) else {}
+    diff = config_diff(old, to_dict(cfg))
+    changes = run_changes(diff)
+    if changes:
+        listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in changes)
+        raise ConfigError(f"--resume: the config differs from the checkpoint's in keys that "
+                          f"change the run: {listed}; start a new output_dir or restore them")
+    return [f"--resume: {k} changed {_show(a)} -> {_show(b)}" for k, a, b in diff]
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value)
 
 
 def reward_workers(cfg: TrainConfig) -> dict[str, MathChecker]:
@@ -129,28 +194,78 @@ def reward_workers(cfg: TrainConfig) -> dict[str, MathChecker]:
             for r in cfg.rewards if r.name != "format"}
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped early, its good state saved: a signal, or non-finite updates in a row.
+    `exit_code` is the process's (128 + signal number, or 1)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> Run:
-    """Run (or continue) training; returns the finished Run."""
+    """Run (or continue) training; returns the finished Run.
+
+    SIGINT / SIGTERM finish the step in progress, save it and raise TrainingStopped (a second
+    signal quits at once); so do `max_nonfinite_steps` skipped updates in a row, keeping the
+    last good checkpoint."""
     run = setup(cfg, resume)
     writer = MetricsWriter(run.out_dir / "metrics.jsonl", cfg.max_steps, run.start_step, show_progress)
+    streak, saved = 0, run.start_step or None  # non-finite steps in a row; newest checkpoint
     try:
-        if run.eval_examples and run.start_step == 0:
-            writer.write({"step": 0, "eval_accuracy": evaluate(run)}, advance=False)
-        for step in range(run.start_step + 1, cfg.max_steps + 1):
-            record = train_step(run, step)
-            if run.eval_examples and (step == cfg.max_steps or
-                                      (cfg.eval_every and step % cfg.eval_every == 0)):
-                record["eval_accuracy"] = evaluate(run)
-            writer.write(record)
-            if failed := record.get("reward_error_types"):
-                writer.print(f"step {step}: failing rewards scored 0: {failed}")
-            if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
-                save(run, step)
+        with StopSignals() as signals:
+            for note in run.notes:
+                writer.print(note)
+            if run.eval_examples and run.start_step == 0:
+                writer.write({"step": 0, "eval_accuracy": evaluate(run)}, advance=False)
+            for step in range(run.start_step + 1, cfg.max_steps + 1):
+                record = train_step(run, step)
+                streak = streak + 1 if record["nonfinite"] else 0
+                if run.eval_examples and (step == cfg.max_steps or
+                                          (cfg.eval_every and step % cfg.eval_every == 0)):
+                    record["eval_accuracy"] = evaluate(run)
+                writer.write(record)
+                for line in step_report(record, streak):
+                    writer.print(line)
+                if streak >= cfg.max_nonfinite_steps:
+                    raise TrainingStopped(nonfinite_message(streak, step, saved), 1)
+                if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0
+                                             and not record["nonfinite"]):
+                    save(run, step)
+                    saved = step
+                if signals.signum is not None and step < cfg.max_steps:
+                    if saved != step:
+                        save(run, step)
+                    raise TrainingStopped(f"interrupted at step {step}; saved checkpoint step "
+                                          f"{step}; continue with --resume", 128 + signals.signum)
     finally:
         writer.close()
+        run.lock.release()
         for worker in run.workers.values():
             worker.close()
     return run
+
+
+def step_report(record: dict, streak: int) -> list[str]:
+    """Console lines for a step: rewards that failed or timed out (scored 0), a skipped update."""
+    step = record["step"]
+    failed = [f"{name}: {n} {kind}" for name, types in record.get("reward_error_types", {}).items()
+              for kind, n in types.items()]
+    failed += [f"{key.removeprefix('rewards/timeouts/')}: {n} timed out"
+               for key, n in record.items() if key.startswith("rewards/timeouts/") and n]
+    lines = [f"step {step}: rewards scored 0 ({'; '.join(failed)})"] if failed else []
+    if record["nonfinite"]:
+        lines.append(f"step {step}: non-finite loss or gradients, update skipped ({streak} in a "
+                     f"row, {record['nonfinite_steps']} in the run)")
+    return lines
+
+
+def nonfinite_message(streak: int, step: int, saved: int | None) -> str:
+    kept, then = ((f"the last good checkpoint is step {saved}", "continue with --resume")
+                  if saved else ("no checkpoint was written", "start again"))
+    return (f"{streak} steps in a row had non-finite loss or gradients (last at step {step}); "
+            f"stopped, {kept}; lower learning_rate (or max_grad_norm), check the rewards for "
+            f"huge values, then {then}")
 
 
 def evaluate(run: Run) -> float:
@@ -160,7 +275,9 @@ def evaluate(run: Run) -> float:
     mx.random.seed(cfg.seed + 7)  # the same eval samples' randomness before and after training
     acc, _ = avg_at_k(run.model, run.tokenizer, run.eval_examples, cfg.eval_k,
                       cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                      cfg.dataset.system_prompt, cfg.enable_thinking, run.workers.get("math"))
+                      cfg.dataset.system_prompt, cfg.enable_thinking, run.workers.get("math"),
+                      prompts_per_chunk=max(1, cfg.rollout_batch_size // cfg.eval_k),  # the cap
+                      max_prompt_length=cfg.max_prompt_length)
     return acc
 
 
@@ -168,7 +285,8 @@ def save(run: Run, step: int) -> Path:
     lora = run.cfg.lora
     params = None if lora is None else lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys)
     path = save_checkpoint(run.out_dir, step, run.model, run.optimizer,
-                           {"sampler": run.sampler.state_dict()},
+                           {"sampler": run.sampler.state_dict(),
+                            "nonfinite_steps": run.nonfinite_steps},
                            yaml.safe_dump(to_dict(run.cfg), sort_keys=False),
                            -1 if lora is None else lora.num_layers, params)
     plot_metrics([run.out_dir / "metrics.jsonl"], run.out_dir / "curves.png")
@@ -180,13 +298,13 @@ def train_step(run: Run, step: int) -> dict:
     G = cfg.num_generations
     t0 = time.perf_counter()
     mx.reset_peak_memory()
-    examples = [run.examples[i] for i in run.sampler.next_batch()]
-    prompts = [render_prompt(tok, ex.prompt, cfg.dataset.system_prompt, cfg.enable_thinking)
-               for ex in examples]
+    rows = run.sampler.next_batch()
+    examples = [run.examples[i] for i in rows]
+    prompts = [run.prompts[i] for i in rows]
     mx.random.seed(cfg.seed * 1_000_003 + step)
     model.eval()
     rollout = sample(model, prompts, G, cfg.max_completion_length, tok.eos_token_ids,
-                     cfg.temperature, cfg.top_p)
+                     cfg.temperature, cfg.top_p, batch_size=cfg.rollout_batch_size)
     t_rollout = time.perf_counter() - t0
 
     texts = [tok.decode(c) for c in rollout.completions]
@@ -202,6 +320,8 @@ def train_step(run: Run, step: int) -> dict:
     t1 = time.perf_counter()
     spec = replace(run.spec, bupo_active=step <= cfg.bupo.internal_steps)
     stats = update(model, run.optimizer, run.grad_fn, batch, mx.array(adv), spec, cfg) if len(adv) else {}
+    nonfinite = stats.pop("nonfinite", False)
+    run.nonfinite_steps += nonfinite
     t_train = time.perf_counter() - t1
 
     lengths = np.array([len(c) for c in rollout.completions])
@@ -218,6 +338,8 @@ def train_step(run: Run, step: int) -> dict:
         "completion_len_max": int(lengths.max()),
         "truncated_frac": float(np.mean(rollout.truncated)),
         **stats,
+        "nonfinite": nonfinite,
+        "nonfinite_steps": run.nonfinite_steps,
         "lr": float(run.optimizer.learning_rate.item()),
         "rollout_tokens_per_sec": rollout.num_tokens / max(t_rollout, 1e-9),
         "train_tokens_per_sec": train_tokens * cfg.num_iterations / max(t_train, 1e-9),
@@ -260,6 +382,9 @@ def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array
     num_seqs = batch.tokens.shape[0]
     model.train()
     totals, entropy = {}, 0.0
+    # MLX arrays are immutable: keeping the trees (containers copied) is the whole backup
+    before = model.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
+    finite = True
     for it in range(cfg.num_iterations):
         grads = None
         for j, (mb, a, ref_logp) in enumerate(zip(micro, advs, ref)):
@@ -278,9 +403,22 @@ def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array
             norm = optim.clip_grad_norm(grads, float("inf"))[1]
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + norm
         optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state, totals)
+        ok = (mx.isfinite(totals["loss"]) & mx.isfinite(norm)
+              & all_finite(model.trainable_parameters()))
+        mx.eval(model.trainable_parameters(), optimizer.state, totals, ok)
+        if not ok.item():  # skip the step: parameters and AdamW moments as they were before it
+            model.update(before[0])
+            optimizer.state = before[1]
+            finite = False
+            break
     model.eval()
-    return summarize(totals, entropy, num_tokens, cfg.num_iterations)
+    return {**summarize(totals, entropy, num_tokens, it + 1), "nonfinite": not finite}
+
+
+def all_finite(tree) -> mx.array:
+    """A scalar bool array, lazy: every element of every array in `tree` is finite."""
+    flags = [mx.isfinite(v).all() for _, v in tree_flatten(tree)]
+    return mx.stack(flags).all() if flags else mx.array(True)
 
 
 def summarize(totals: dict, entropy, num_tokens, iterations: int) -> dict:

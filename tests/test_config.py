@@ -8,6 +8,7 @@ import yaml
 
 from mlx_oisd.config import (
     _RULES,
+    HARMLESS_KEYS,
     ConfigError,
     DatasetConfig,
     LoraConfig,
@@ -16,7 +17,9 @@ from mlx_oisd.config import (
     TrainConfig,
     _schema_paths,
     apply_overrides,
+    config_diff,
     load_config,
+    run_changes,
     save_config,
     to_dict,
     validate,
@@ -254,8 +257,8 @@ def test_enum_value_is_named_with_choices(override, message):
         ("temperature=0", "'temperature' must be > 0, got 0"),
         ("top_p=0", "'top_p' must be in (0, 1], got 0"),
         ("top_p=1.5", "'top_p' must be in (0, 1], got 1.5"),
-        ("epsilon=0", "'epsilon' must be > 0"),
-        ("epsilon_high=0", "'epsilon_high' must be > 0"),
+        ("epsilon=0", "'epsilon' must be in (0, 1), got 0"),
+        ("epsilon_high=0", "'epsilon_high' must be in (0, 10], got 0"),
         ("beta=-0.1", "'beta' must be >= 0, got -0.1"),
         ("oisd.lambda_logit=-1", "'oisd.lambda_logit' must be >= 0"),
         ("oisd.lambda_attn=-0.1", "'oisd.lambda_attn' must be >= 0"),
@@ -267,7 +270,14 @@ def test_enum_value_is_named_with_choices(override, message):
         ),
         ("oisd.student_layers=[0]", "'oisd.student_layers[0]' must be >= 1"),
         ("lora.rank=0", "'lora.rank' must be >= 1, got 0"),
-        ("lora.dropout=1.0", "'lora.dropout' must be in [0, 1)"),
+        ("lora.dropout=1.0", "'lora.dropout' must be in [0, 0.9], got 1.0"),
+        ("lora.dropout=-0.1", "'lora.dropout' must be in [0, 0.9], got -0.1"),
+        ("epsilon=1", "'epsilon' must be in (0, 1), got 1"),
+        ("epsilon=-0.2", "'epsilon' must be in (0, 1), got -0.2"),
+        ("epsilon_high=10.5", "'epsilon_high' must be in (0, 10], got 10.5"),
+        ("epsilon_high=-1", "'epsilon_high' must be in (0, 10], got -1"),
+        ("max_prompt_length=0", "'max_prompt_length' must be >= 1, got 0"),
+        ("max_nonfinite_steps=0", "'max_nonfinite_steps' must be >= 1, got 0"),
         ("lora.num_layers=0", "'lora.num_layers' must be -1 (all blocks) or >= 1"),
         ("max_completion_length=0", "'max_completion_length' must be >= 1"),
         ("learning_rate=0", "'learning_rate' must be > 0"),
@@ -369,3 +379,61 @@ def test_float_fields_are_floats_after_validate():
     cfg = validate(apply_overrides(MINIMAL, ["temperature=1", "oisd.tau=2", "lora.scale=10"]))
     for value in (cfg.temperature, cfg.oisd.tau, cfg.lora.scale):
         assert type(value) is float and math.isfinite(value)
+
+
+def test_edge_values_that_are_allowed():
+    cfg = validate(apply_overrides(MINIMAL, ["epsilon=0.99", "epsilon_high=10", "lora.dropout=0.9"]))
+    assert (cfg.epsilon, cfg.epsilon_high, cfg.lora.dropout) == (0.99, 10.0, 0.9)
+    assert (cfg.max_prompt_length, cfg.truncate_prompts, cfg.max_nonfinite_steps) == (512, False, 3)
+
+
+def test_config_diff_lists_dotted_keys_with_both_values():
+    old = to_dict(validate(MINIMAL))
+    new = to_dict(validate(apply_overrides(MINIMAL, [
+        "lora.rank=8", "max_steps=7", "dataset.split=test", "rewards=[{name: math}]",
+        "oisd.student_layers=[2, 3]"])))
+    assert config_diff(old, old) == []
+    assert config_diff(old, new) == [
+        ("dataset.split", "train", "test"),
+        ("lora.rank", 16, 8),
+        ("max_steps", 200, 7),
+        ("oisd.student_layers", [6], [2, 3]),
+        ("rewards", [{"name": "math", "weight": 1.0}, {"name": "format", "weight": 0.1}],
+         [{"name": "math", "weight": 1.0}]),
+    ]
+    assert [k for k, _, _ in run_changes(config_diff(old, new))] == [
+        "dataset.split", "lora.rank", "oisd.student_layers", "rewards"]
+
+
+def test_config_diff_mapping_against_null_and_missing_keys():
+    full = to_dict(validate(apply_overrides(MINIMAL, ["lora=null"])))
+    lora = to_dict(validate(MINIMAL))
+    assert config_diff(lora, full) == [("lora", lora["lora"], None)]
+    assert config_diff({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}, "d": 3}) == [("a.c", None, 2), ("d", None, 3)]
+    assert run_changes([("eval_k", 1, 4), ("output_dir", "a", "b"), ("quantize", None, {"bits": 4})]) \
+        == [("quantize", None, {"bits": 4})]
+
+
+def test_harmless_keys_are_real_keys_and_shape_keys_are_not_harmless():
+    assert HARMLESS_KEYS <= set(_schema_paths(TrainConfig))
+    for key in ("model", "lora", "quantize", "algorithm", "oisd", "bupo", "dataset",
+                "num_generations", "batch_size", "seed", "advantage", "loss_agg",
+                "max_prompt_length", "truncate_prompts"):
+        assert key not in HARMLESS_KEYS
+
+
+@pytest.mark.parametrize("key", ["rollout_batch_size", "minibatch_size"])
+def test_an_integer_or_auto_key(key):
+    """`int | Literal["auto"]` (minibatch_size also `| None`): either member is taken as is,
+    anything else is named with both choices, and the rule applies to the integer."""
+    assert getattr(validate(apply_overrides(MINIMAL, [f"{key}=auto"])), key) == "auto"
+    assert getattr(validate(apply_overrides(MINIMAL, [f"{key}=3"])), key) == 3
+    for bad in ("big", "2.5", "true", "[4]"):
+        assert f"expected an integer or auto for '{key}'" in error_of(f"{key}={bad}")
+    assert f"'{key}' must be >= 1" in error_of(f"{key}=0")
+    null = apply_overrides(MINIMAL, [f"{key}=null"])
+    if key == "minibatch_size":
+        assert validate(null).minibatch_size is None
+    else:
+        assert "expected an integer or auto for 'rollout_batch_size', got null" in error_of(
+            f"{key}=null")

@@ -441,3 +441,60 @@ def test_shared_gsm8k_answers_are_plain_numbers():
     assert len(examples) > 1000
     for ex in examples:
         assert re.fullmatch(r"-?\d+(\.\d+)?", ex.answer), ex.answer
+
+
+# ---------------------------------------------------------------- prompt length limit
+
+
+def test_fit_prompts_drops_or_left_truncates_long_prompts():
+    from mlx_oisd.data.prompts import fit_prompts
+
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13]]
+    assert fit_prompts(prompts, 4, truncate=False) == ([0, 2, 3], [[1, 2, 3], [9], [10, 11, 12, 13]], [1])
+    assert fit_prompts(prompts, 4, truncate=True) == (
+        [0, 1, 2, 3], [[1, 2, 3], [5, 6, 7, 8], [9], [10, 11, 12, 13]], [1])
+    assert fit_prompts(prompts, 1, truncate=False) == ([2], [[9]], [0, 1, 3])
+
+
+class _CharTokenizer:
+    """One token per character of the rendered text: lengths can be counted by hand."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize, enable_thinking):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def encode(self, text, add_special_tokens):
+        return [ord(c) for c in text]
+
+
+def test_render_examples_reports_dropped_rows_and_truncates_from_the_left():
+    from mlx_oisd.data.prompts import render_examples
+
+    tok = _CharTokenizer()
+    overhead = len(render_prompt(tok, ""))  # template + instruction around an empty question
+    examples = [Example("x" * n, str(n)) for n in (1, 50, 2, 80, 3)]
+    limit = overhead + 10
+    kept, prompts, note = render_examples(tok, examples, limit, False, what="data.jsonl (train)")
+    assert [ex.answer for ex in kept] == ["1", "2", "3"]
+    assert prompts == [render_prompt(tok, ex.prompt) for ex in kept]
+    assert note == (f"data.jsonl (train): dropped 2 of 5 prompts longer than "
+                    f"max_prompt_length={limit} tokens (rows 2, 4)")
+    kept, prompts, note = render_examples(tok, examples, limit, True)
+    assert kept == examples and all(len(p) <= limit for p in prompts)
+    assert prompts[3] == render_prompt(tok, "x" * 80)[-limit:]  # the end, with <assistant>, kept
+    assert note.endswith(f"truncated 2 of 5 prompts longer than max_prompt_length={limit} "
+                         f"tokens (rows 2, 4; longest {overhead + 80})")
+    assert render_examples(tok, examples[:1], limit, False)[2] is None
+    with pytest.raises(DataError, match=r"all 2 prompts are longer than max_prompt_length=5 tokens "
+                                        r"\(longest \d+\); raise max_prompt_length or set truncate"):
+        render_examples(tok, examples[:2], 5, False)
+
+
+def test_dropped_rows_report_is_cut_after_ten():
+    from mlx_oisd.data.prompts import render_examples
+
+    tok = _CharTokenizer()
+    limit = len(render_prompt(tok, "x"))
+    examples = [Example("x" * (1 + (i % 2) * 5), "1") for i in range(30)]
+    _, _, note = render_examples(tok, examples, limit, False)
+    assert note.endswith("dropped 15 of 30 prompts longer than "
+                         f"max_prompt_length={limit} tokens (rows 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, ...)")

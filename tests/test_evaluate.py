@@ -133,6 +133,46 @@ def test_sample_correct_counts_each_problem_and_chunks_rows():
     assert info["truncated"] == 0 and info["failed"] == 0 and info["tokens"] > 0
 
 
+class ScriptedPolicy:
+    """`rollout.sample` stand-in that answers every prompt with the same scripted texts, encoded
+    by the real tokenizer, EOS appended unless the text is marked truncated. Records the prompts."""
+
+    def __init__(self, tok, texts: list[tuple[str, bool]]):
+        self.tok, self.texts, self.prompts = tok, texts, []
+
+    def __call__(self, model, prompts, group_size, max_tokens, stop_ids, temperature=1.0,
+                 top_p=1.0):
+        assert group_size == len(self.texts)
+        self.prompts += [self.tok.decode(p) for p in prompts]
+        eos = self.tok.eos_token_id
+        completions = [self.tok.encode(t, add_special_tokens=False) + ([] if cut else [eos])
+                       for _ in prompts for t, cut in self.texts]
+        return Rollout(list(prompts), completions, [cut for _ in prompts for _, cut in self.texts],
+                       group_size)
+
+
+@pytest.mark.parametrize("enable_thinking, texts, right", [
+    (True, [("<think>\nTry \\boxed{4}.\n</think>\n\nSo \\boxed{5}.", False),  # after reasoning
+            ("<think>\nIt is \\boxed{5}", True),  # cut off inside the reasoning
+            ("<think>\n5\n</think>\n\nThe answer is 6", False),
+            ("<think>\n2 + 3\n</think>\n\nThe answer is 5", False)], [1, 0, 0, 1]),
+    (False, [("\\boxed{5}", False), ("#### 5", False), ("\\boxed{6}", False),
+             ("The answer is 5", True)], [1, 1, 0, 1]),
+])
+def test_sample_correct_scores_completions_written_after_qwen3s_template(
+        tiny_dir, enable_thinking, texts, right):
+    from mlx_oisd import load
+
+    _, tok = load(tiny_dir)  # tiny models carry Qwen3's chat template
+    policy = ScriptedPolicy(tok, texts)
+    correct, info = sample_correct(None, tok, [Example("What is 2 + 3?", "5")], n=len(texts),
+                                   max_tokens=64, enable_thinking=enable_thinking, sampler=policy)
+    assert correct[0].tolist() == right
+    assert info["truncated"] == sum(cut for _, cut in texts)
+    end = "<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n")
+    assert policy.prompts[0].endswith("\\boxed{}.<|im_end|>\n" + end)
+
+
 def test_avg_at_k_on_fake_policy(monkeypatch):
     policy = FakePolicy(EXAMPLES, RIGHT)
     monkeypatch.setattr(evaluate, "sample", policy)

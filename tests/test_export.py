@@ -296,3 +296,58 @@ def test_push_failure_is_a_clear_error(run_dir, tmp_path):
     with pytest.raises(ExportError, match=r"could not push .* 'me/x'.*hf auth login"):
         export(run_dir / "adapters", "mlx", tmp_path / "mlx", push_to_hub_repo="me/x", api=UnauthorizedApi())
     assert (tmp_path / "mlx" / "README.md").is_file()  # the folder is written; push again later
+
+
+# ---- destination guards ----
+
+def _trained_run(root: Path, tiny_dir) -> Path:
+    """A training run's output_dir: config.yaml, adapters/, checkpoints/step_000002/."""
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump({"model": str(tiny_dir), **RUN_CONFIG}))
+    make_adapter(tiny_dir, root / "adapters")
+    make_adapter(tiny_dir, root / "checkpoints" / "step_000002", seed=1)
+    return root
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_non_empty_out_needs_overwrite(run_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    runner = CliRunner()
+    args = ["export", str(run_dir / "adapters"), "--format", "mlx", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "is not empty (1 entries: notes.txt)" in result.output
+    assert "--overwrite" in result.output and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    result = runner.invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "mine"  # files are written over, nothing deleted
+    assert (out / "adapters.safetensors").read_bytes() == (
+        run_dir / "adapters" / "adapters.safetensors").read_bytes()
+    export(run_dir / "adapters", "peft", tmp_path / "empty")  # an empty or new folder is fine
+    (tmp_path / "made").mkdir()
+    export(run_dir / "adapters", "peft", tmp_path / "made")
+
+
+def test_never_onto_a_runs_adapters_or_into_its_checkpoints(run_dir, tiny_dir, tmp_path):
+    """Exporting another adapter onto a run's adapters/ or into its checkpoints/ is refused even
+    with overwrite, and leaves every file of the run as it was."""
+    run = _trained_run(tmp_path / "run", tiny_dir)
+    before = _snapshot(run)
+    source = run_dir / "adapters"
+    with pytest.raises(ExportError, match=r"is the adapters/ folder of the training run .*run"):
+        export(source, "mlx", run / "adapters", overwrite=True)
+    for out in (run / "checkpoints" / "step_000002", run / "checkpoints", run / "checkpoints" / "new",
+                run / "checkpoints" / "step_000002" / "sub"):
+        with pytest.raises(ExportError, match=r"is inside the checkpoints/ folder of the training run"):
+            export(source, "peft", out, overwrite=True)
+    with pytest.raises(ExportError, match="is inside the checkpoints/ folder"):  # via a symlink too
+        (tmp_path / "link").symlink_to(run / "checkpoints")
+        export(source, "mlx", tmp_path / "link" / "x")
+    assert _snapshot(run) == before and not (run / "checkpoints" / "new").exists()
+    # a folder merely named adapters/ (no run around it) is an ordinary destination
+    out = export(source, "mlx", tmp_path / "elsewhere" / "adapters")
+    assert (out / "adapters.safetensors").is_file()

@@ -1,6 +1,7 @@
 """loading.py: folders, quantized folders, adapters, and the errors a user can cause."""
 
 import json
+import re
 import shutil
 
 import mlx.core as mx
@@ -72,7 +73,7 @@ def test_unreachable_hub_id_is_a_clear_error():
 
 
 def test_unknown_builtin():
-    with pytest.raises(ValueError, match="expected one of builtin:tiny, builtin:tiny-arith"):
+    with pytest.raises(ModelLoadError, match="'builtin:huge'; expected one of builtin:tiny, builtin:tiny-arith"):
         load("builtin:huge")
 
 
@@ -155,3 +156,58 @@ def test_load_model_skips_the_tokenizer(tiny_dir, tmp_path):
         (folder / f).unlink()
     model, path = load_model(folder)
     assert path == folder and isinstance(model, Model)
+
+
+def test_missing_tokenizer_or_chat_template_is_found_at_load(tiny_dir, tmp_path):
+    bare = _copy(tiny_dir, tmp_path / "bare")
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=rf"{re.escape(str(bare))}: no tokenizer files"):
+        load(bare)
+    plain = _copy(tiny_dir, tmp_path / "plain")
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in plain.glob("chat_template.*"):
+        extra.unlink()
+    with pytest.raises(ModelLoadError, match=rf"{re.escape(str(plain))}: the tokenizer has no chat template"):
+        load(plain)
+
+
+def test_truncated_weight_file_is_named(tiny_dir, tmp_path):
+    folder = _copy(tiny_dir, tmp_path / "cut")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match=rf"{re.escape(str(weights))}: truncated, {len(data) // 2} bytes "
+                       rf"where its header describes {len(data)}"):
+        load(folder)
+    weights.write_bytes(b"\x05")  # not even a header
+    with pytest.raises(ModelLoadError, match="not a safetensors file, or truncated"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "adapter_config.json: not valid JSON"),
+    ("[1, 2]", "adapter_config.json: expected a JSON object"),
+    ('{"fine_tune_type": "lora", "num_layers": 2}', "adapter_config.json: missing keys"),
+    ('{"num_layers": 2, "lora_parameters": {"rank": 4}}', "lora_parameters with rank, scale and dropout"),
+])
+def test_invalid_adapter_config_names_the_file(tiny_dir, tmp_path, text, message):
+    model, _ = load(tiny_dir)
+    model.freeze()
+    folder = tmp_path / "ad"
+    _save_lora_adapter(model, folder, {"rank": 4, "scale": 10.0, "dropout": 0.0}, num_layers=2)
+    (folder / "adapter_config.json").write_text(text)
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        load(tiny_dir, adapter_path=folder)
+
+
+def test_truncated_adapter_weights_are_named(tiny_dir, tmp_path):
+    model, _ = load(tiny_dir)
+    model.freeze()
+    folder = tmp_path / "ad"
+    _save_lora_adapter(model, folder, {"rank": 4, "scale": 10.0, "dropout": 0.0}, num_layers=2)
+    weights = folder / "adapters.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match=re.escape(f"{weights}: truncated")):
+        load(tiny_dir, adapter_path=folder)

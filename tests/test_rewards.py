@@ -47,6 +47,10 @@ def _nan(completion, answer):
     return float("nan")
 
 
+def _huge(completion, answer):
+    return 1e300
+
+
 def _checker_hook(completion, answer):
     """Hangs, raises, or answers at once (no sympy: a loaded CI machine must not time it out)."""
     if completion == "hang":
@@ -208,6 +212,43 @@ def test_format_reward(completion, expected):
     assert format_reward(completion, "ignored") == expected
 
 
+# completions as a Qwen3 policy writes them after its chat template (tests/test_prompts.py): with
+# enable_thinking the prompt ends at "<|im_start|>assistant\n" and the model opens <think> itself;
+# without, the prompt pre-fills "<think>\n\n</think>\n\n" and the completion is the answer only.
+# Decoded completions end with the EOS they sampled, unless cut off by max_completion_length.
+@pytest.mark.parametrize(
+    "completion, math, fmt",
+    [
+        # thinking on: the answer after the reasoning counts, boxes inside it do not
+        ("<think>\nTry 2 + 2 = \\boxed{4}. No: 2 + 3.\n</think>\n\nThe sum is \\boxed{5}.<|im_end|>",
+         1.0, 1.0),
+        ("<think>\nIt is \\boxed{5}.\n</think>\n\nThe sum is \\boxed{6}.<|im_end|>", 0.0, 1.0),
+        ("<think>\nIt is 5.\n</think>\n\nThe answer is 5.<|im_end|>", 1.0, 0.0),
+        # thinking on, truncated while reasoning: an answer inside the open block earns nothing
+        ("<think>\nSo the answer is \\boxed{5}", 0.0, 0.0),
+        ("<think>\n2 + 3 = 5\n#### 5", 0.0, 0.0),
+        # thinking off: the answer only, ended by the sampled EOS
+        ("\\boxed{5}<|im_end|>", 1.0, 1.0),
+        ("The answer is 5<|im_end|>", 1.0, 0.0),
+        ("2 + 3 = 5\n#### 5<|im_end|>", 1.0, 0.0),
+        ("Answer: 5<|endoftext|>", 1.0, 0.0),
+        ("\\boxed{6}<|im_end|>", 0.0, 1.0),
+        # thinking off, yet the model reasons again and is cut off
+        ("<think>\nmaybe \\boxed{5}", 0.0, 0.0),
+    ],
+)
+def test_rewards_of_completions_after_qwen3_template(completion, math, fmt):
+    assert math_reward(completion, "5") == math
+    assert format_reward(completion) == fmt
+
+
+def test_extract_answer_stops_at_the_end_of_turn():
+    assert extract_answer("#### 5<|im_end|>") == "5"
+    assert extract_answer("The answer is 7.<|im_end|>") == "7"
+    # nothing after the end of the turn is read (a fused or replayed transcript)
+    assert extract_answer("\\boxed{1}<|im_end|>\n<|im_start|>user\n\\boxed{2}") == "1"
+
+
 # registry and score_batch
 
 
@@ -268,6 +309,55 @@ def test_reward_returning_a_non_number_is_an_error():
     assert call_reward(lambda c, a: np.float32(0.25), "a", "b") == (0.25, None)
     _, _, stats = score_batch(["a"], ["b"], [(f"{__name__}:_not_a_number", 1.0)])
     assert stats["error_types"] == {f"{__name__}:_not_a_number": {"TypeError": 1}}
+
+
+def test_rewards_not_finite_in_float32_are_errors():
+    """1e300 is a finite double but inf as float32 (the rewards array): an error, scored 0."""
+    for value in (1e300, -1e39, float("inf"), float("nan"), np.float64(4e38)):
+        assert call_reward(lambda c, a, v=value: v, "a", "b") == (0.0, "ValueError"), value
+    big = float(np.finfo(np.float32).max)
+    assert call_reward(lambda c, a: big, "a", "b") == (big, None)
+    assert call_reward(lambda c, a: -3e38, "a", "b") == (-3e38, None)
+    total, _, stats = score_batch(["a", "b"], ["x", "x"], [(f"{__name__}:_huge", 1.0)])
+    assert np.isfinite(total).all() and total.tolist() == [0.0, 0.0]
+    assert stats["error_types"] == {f"{__name__}:_huge": {"ValueError": 2}}
+
+
+@pytest.mark.parametrize("source, error", [
+    ("def broken(:\n", "SyntaxError"),
+    ("raise RuntimeError('no GPU here')\n", "RuntimeError: no GPU here"),
+    ("import no_such_dependency_xyz\n", "cannot import module 'bad_reward_mod"),
+])
+def test_reward_module_failing_at_import_is_named(tmp_path, monkeypatch, source, error):
+    name = f"bad_reward_mod_{abs(hash(source))}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape(f"reward '{name}:fn'")) as info:
+        resolve_reward(f"{name}:fn")
+    assert error in str(info.value) and f"'{name}'" in str(info.value)
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_checker_in_a_script_without_main_guard_says_why(tmp_path, guarded):
+    """A spawned worker re-imports the main script; without the guard that script starts a
+    checker again at import. The error says so and gives the fix; with the guard it works."""
+    import subprocess
+    import sys
+
+    body = "checker = MathChecker(timeout_s=5.0)\nprint('scores', checker.score([('1', '1')])[0])\n"
+    if guarded:
+        body = "if __name__ == '__main__':\n" + "".join(f"    {line}\n" for line in body.splitlines())
+    script = tmp_path / "train_script.py"
+    script.write_text("from mlx_oisd.rewards.math import MathChecker\n" + body)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    if guarded:
+        assert result.returncode == 0 and "scores [0.0]" in result.stdout, result.stderr
+    else:
+        assert result.returncode != 0
+        assert "exited while starting (exit code 1)" in result.stderr
+        assert f"{script} starts training when it is imported" in result.stderr
+        assert 'put the call under if __name__ == "__main__":' in result.stderr
 
 
 def test_score_batch_rejects_bad_input_before_scoring():

@@ -34,6 +34,15 @@ def hanging_reward(completion, answer):
     return 1.0
 
 
+def huge_reward(completion, answer):
+    """A finite double that is inf in float32: scored 0 and counted, never trained on."""
+    return 1e300
+
+
+def nan_reward(completion, answer):
+    return float("nan")
+
+
 def _config(tmp_path, **over):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"q": f"What is {a} + {b}?", "a": a + b}) + "\n"
@@ -136,9 +145,10 @@ def test_a_hanging_reward_times_out_scores_zero_and_the_run_goes_on(tmp_path):
     cfg = _config(tmp_path, max_steps=1, reward_timeout=0.3, num_generations=2,
                   dataset={"source": str(data), "prompt_field": "q", "answer_field": "a"},
                   rewards=[{"name": "test_trainer:hanging_reward"}])
-    _train(cfg)
+    result = _train(cfg)
     (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert record["rewards/timeouts/test_trainer:hanging_reward"] == 2
+    assert "step 1: rewards scored 0 (test_trainer:hanging_reward: 2 timed out)" in result.output
     assert record["reward"] == 0.5  # the other prompt's two completions scored 1
 
 
@@ -254,3 +264,214 @@ def test_filter_zero_std_groups(tmp_path):
     _train(flat)
     (record,) = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert record["frac_zero_std_groups"] == 1.0 and "loss" not in record
+
+
+def _all_finite(path):
+    return all(bool(mx.isfinite(v).all()) for v in mx.load(str(path)).values())
+
+
+def test_rewards_not_finite_in_float32_are_errors_and_are_shown(tmp_path):
+    huge, nan = "test_trainer:huge_reward", "test_trainer:nan_reward"
+    result = _train(_config(tmp_path, max_steps=1, rewards=[{"name": huge}, {"name": nan},
+                                                            {"name": "format"}]))
+    (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert record[f"rewards/errors/{huge}"] == record[f"rewards/errors/{nan}"] == 6
+    assert record["reward"] == 0.0 and record["nonfinite"] is False and record["nonfinite_steps"] == 0
+    assert f"step 1: rewards scored 0 ({huge}: 6 ValueError; {nan}: 6 ValueError)" in result.output
+    assert _all_finite(tmp_path / "run" / "adapters" / "adapters.safetensors")
+
+
+def test_exploding_learning_rate_skips_updates_then_stops_keeping_the_good_checkpoint(
+        tmp_path, monkeypatch):
+    """From the third update on the step size is 1e30: every such update is undone (weights and
+    AdamW state), counted, and after 3 in a row the run stops with exit 1; the step-2 checkpoint
+    stays the newest and nothing saved holds a NaN or an inf."""
+    from mlx_oisd import trainer
+
+    monkeypatch.setattr(trainer, "lr_schedule",
+                        lambda cfg: (lambda step: mx.where(step < 2, 1e-3, 1e30)))
+    result = _train(_config(tmp_path, max_steps=8), exit_code=1)
+    out = tmp_path / "run"
+    records = read_metrics(out / "metrics.jsonl")
+    flags = [r["nonfinite"] for r in records]
+    last = records[-1]["step"]
+    assert flags[:2] == [False, False] and flags[-3:] == [True, True, True] and last < 8
+    assert [r["nonfinite_steps"] for r in records][-3:] == [sum(flags) - 2, sum(flags) - 1, sum(flags)]
+    assert (f"3 steps in a row had non-finite loss or gradients (last at step {last}); stopped, "
+            "the last good checkpoint is step 2; lower learning_rate") in result.output
+    assert f"step {last}: non-finite loss or gradients, update skipped (3 in a row" in result.output
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    for path in [out / "adapters" / "adapters.safetensors", *out.glob("checkpoints/step_*/*.safetensors")]:
+        assert _all_finite(path), path
+    good = mx.load(str(out / "checkpoints" / "step_000002" / "adapters.safetensors"))
+    now = mx.load(str(out / "adapters" / "adapters.safetensors"))
+    assert all(bool(mx.array_equal(good[k], now[k])) for k in good)
+
+
+def test_learning_rate_1e30_stops_the_run_and_saves_nothing_non_finite(tmp_path):
+    result = _train(_config(tmp_path, max_steps=6, learning_rate=1e30), exit_code=1)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["nonfinite"] for r in records][-3:] == [True, True, True]
+    assert records[-1]["nonfinite_steps"] >= 3 and records[-1]["loss"] is None
+    assert (f"3 steps in a row had non-finite loss or gradients (last at step {records[-1]['step']}); "
+            "stopped,") in result.output
+    for path in (tmp_path / "run").rglob("*.safetensors"):
+        assert _all_finite(path), path
+
+
+def test_a_nonfinite_update_leaves_parameters_and_optimizer_state_untouched(make_tiny):
+    """update() with a step size that turns the weights into inf (finite loss and gradients):
+    the parameters and every AdamW array, its step count included, are those from before."""
+    import mlx.optimizers as optim
+
+    from mlx_oisd import load
+    from mlx_oisd.config import validate
+    from mlx_oisd.objective import ObjectiveGrad
+    from mlx_oisd.rollout import Rollout, pack
+    from mlx_oisd.trainer import loss_spec, update
+
+    model, _ = load(make_tiny(init_std=0.1))
+    cfg = validate({"model": "x", "dataset": {"source": "x.jsonl"}, "lora": None,
+                    "max_completion_length": 4, "oisd": {"student_layers": [2]}})
+    batch = pack(Rollout([[5, 6, 7]], [[10, 11, 2], [12]], [False, True], 2), pad_id=0)
+    adv = mx.array([1.0, -1.0])
+    opt = optim.AdamW(learning_rate=lambda step: mx.where(step < 1, 1e-3, float("inf")))
+    grad_fn = ObjectiveGrad(model, False)
+    args = (model, opt, grad_fn, batch, adv, loss_spec(cfg), cfg)
+    assert update(*args)["nonfinite"] is False
+    params, state = dict(tree_flatten(model.parameters())), dict(tree_flatten(opt.state))
+    for _ in range(2):
+        stats = update(*args)
+        assert stats["nonfinite"] is True and np.isfinite(stats["grad_norm"])
+        assert dict(tree_flatten(opt.state)).keys() == state.keys()
+        for k, v in tree_flatten(opt.state):
+            assert bool(mx.array_equal(v, state[k])), k
+        for k, v in tree_flatten(model.parameters()):
+            assert bool(mx.array_equal(v, params[k])), k
+    assert int(opt.state["step"]) == 1
+    nan_adv = update(model, opt, grad_fn, batch, mx.array([float("nan"), 1.0]), loss_spec(cfg), cfg)
+    assert nan_adv["nonfinite"] is True and int(opt.state["step"]) == 1
+
+
+def test_sigint_saves_the_finished_step_and_resume_continues(tmp_path):
+    """A real `oisd-mlx train` process: SIGINT once step 1 is logged finishes the step in
+    progress, saves it, says so and exits 130; `--resume` continues from there to the end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    cfg = _config(tmp_path, max_steps=200, save_every=0, rewards=[{"name": "format"}])
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "train", str(cfg), "--quiet"],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and read_metrics(metrics)) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    step = read_metrics(metrics)[-1]["step"]
+    assert proc.returncode == 130, out + err
+    assert f"interrupted at step {step}; saved checkpoint step {step}; continue with --resume" in err
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{step:06d}"
+    result = _train(cfg, "--resume", "--set", f"max_steps={step + 2}")
+    assert f"--resume: max_steps changed 200 -> {step + 2}" in result.output
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, step + 3))
+
+
+def test_resume_refuses_a_config_that_changes_the_run(tmp_path):
+    cfg = _config(tmp_path, max_steps=2)
+    _train(cfg)
+    result = runner.invoke(app, ["train", str(cfg), "--resume", "--quiet", "--set", "lora.rank=8",
+                                 "--set", "lora.num_layers=2", "--set", "max_steps=3"])
+    assert result.exit_code == 2
+    assert ("--resume: the config differs from the checkpoint's in keys that change the run: "
+            "lora.num_layers -1 -> 2, lora.rank 4 -> 8; start a new output_dir or restore them"
+            in result.output), result.output
+    result = _train(cfg, "--resume", "--set", "max_steps=3", "--set", "learning_rate=5e-4")
+    assert "--resume: learning_rate changed 0.001 -> 0.0005" in result.output
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_restart_before_the_first_checkpoint_starts_fresh_metrics(tmp_path, monkeypatch):
+    """Killed at step 2 before any checkpoint (step 0 eval and step 1 logged): the restart
+    runs the step-0 eval again, and metrics.jsonl holds each step once."""
+    from mlx_oisd import trainer
+
+    cfg = _config(tmp_path, max_steps=2, save_every=0, eval_split="test", eval_samples=2)
+    real_step = trainer.train_step
+
+    def killed_at_2(run, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(run, step)
+
+    monkeypatch.setattr(trainer, "train_step", killed_at_2)
+    _train(cfg, exit_code=130)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert [r["step"] for r in read_metrics(metrics)] == [0, 1]
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    _train(cfg, "--resume")
+    assert [r["step"] for r in read_metrics(metrics)] == [0, 1, 2]
+
+
+def _with_huge_prompt(tmp_path):
+    data = tmp_path / "huge.jsonl"
+    rows = [{"q": "What is 1 + 2?", "a": 3}, {"q": "What is 2 + 2?", "a": 4},
+            {"q": "What is 3 + 3? " * 70_000, "a": 6}]  # about 1 MB, 1M tokens
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"source": str(data), "prompt_field": "q", "answer_field": "a"}
+
+
+def test_a_1mb_prompt_is_dropped_and_reported(tmp_path):
+    result = _train(_config(tmp_path, max_steps=1, dataset=_with_huge_prompt(tmp_path)))
+    assert "dropped 1 of 3 prompts longer than max_prompt_length=512 tokens (rows 3)" in result.output
+    (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert record["step"] == 1
+
+
+def test_a_1mb_prompt_is_truncated_with_truncate_prompts(tmp_path):
+    result = _train(_config(tmp_path, max_steps=1, batch_size=3, truncate_prompts=True,
+                            max_prompt_length=256, dataset=_with_huge_prompt(tmp_path)))
+    assert "truncated 1 of 3 prompts longer than max_prompt_length=256 tokens (rows 3;" in result.output
+    (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert record["step"] == 1
+
+
+def test_prompt_and_completion_lengths_must_fit_the_model(tmp_path):
+    result = runner.invoke(app, ["train", str(_config(tmp_path)), "--set", "max_prompt_length=4000",
+                                 "--set", "max_completion_length=200", "--quiet"])
+    assert result.exit_code == 2
+    assert ("max_prompt_length (4000) + max_completion_length (200) exceeds builtin:tiny's "
+            "max_position_embeddings (4096)") in result.output
+    short = _config(tmp_path, max_prompt_length=5)
+    result = runner.invoke(app, ["train", str(short), "--quiet"])
+    assert result.exit_code == 2 and "all 18 prompts are longer than max_prompt_length=5" in result.output
+
+
+def test_a_script_calling_train_without_main_guard_is_told_the_fix(tmp_path):
+    """The reward worker (spawn) re-imports the main script; unguarded, that script would start
+    training again inside the worker. It exits at once there, and the script gets the fix."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = _config(tmp_path, max_steps=1)
+    script = tmp_path / "my_run.py"
+    script.write_text("from mlx_oisd.config import load_config\nfrom mlx_oisd.trainer import train\n"
+                      f"train(load_config({str(cfg)!r}), show_progress=False)\n")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}"})
+    assert result.returncode != 0
+    assert "exited while starting (exit code 1)" in result.stderr, result.stderr[-3000:]
+    assert f"{script} starts training when it is imported" in result.stderr
+    assert 'put the call under if __name__ == "__main__":' in result.stderr
+    assert "RunLocked" not in result.stderr  # the worker stopped before touching output_dir

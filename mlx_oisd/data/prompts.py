@@ -4,7 +4,15 @@
 `MATH_INSTRUCTION` (the suffix Qwen's math evaluations use), renders them with the tokenizer's
 chat template with the assistant header open, and returns the token ids. `enable_thinking`
 reaches Qwen3's template: False pre-fills an empty `<think>` block, True lets the model reason.
+
+`render_examples` renders a whole dataset once and applies `max_prompt_length` (TRL's name:
+tokens of the rendered prompt): longer prompts are dropped and reported, or cut from the left.
+No prompt of any size reaches the model, whose attention over a huge prompt would exhaust memory.
 """
+
+from .sources import DataError, Example
+
+_SHOWN_ROWS = 10  # rows named in the dropped-prompts report
 
 MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -30,3 +38,46 @@ def render_prompt(
         enable_thinking=enable_thinking,
     )
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def fit_prompts(
+    prompts: list[list[int]], max_len: int, truncate: bool
+) -> tuple[list[int], list[list[int]], list[int]]:
+    """Apply a prompt length limit: returns (kept indices, their token ids, too-long indices).
+
+    A prompt longer than `max_len` tokens is dropped, or with `truncate` kept as its last
+    `max_len` tokens (left truncation, as TRL: the end of the prompt, where the assistant turn
+    opens, is what the completion continues)."""
+    long = [i for i, p in enumerate(prompts) if len(p) > max_len]
+    if truncate:
+        return list(range(len(prompts))), [p[-max_len:] for p in prompts], long
+    skip = set(long)
+    kept = [i for i in range(len(prompts)) if i not in skip]
+    return kept, [prompts[i] for i in kept], long
+
+
+def render_examples(
+    tokenizer, examples: list[Example], max_len: int, truncate: bool,
+    system_prompt: str | None = None, enable_thinking: bool = False, what: str = "dataset",
+) -> tuple[list[Example], list[list[int]], str | None]:
+    """Render every example once and apply `max_len` (`fit_prompts`).
+
+    Returns the kept examples, their prompt ids, and a one-line report of what was dropped or
+    truncated (None when every prompt fits). Raises DataError when every prompt is too long.
+    """
+    ids = [render_prompt(tokenizer, ex.prompt, system_prompt, enable_thinking) for ex in examples]
+    kept, prompts, long = fit_prompts(ids, max_len, truncate)
+    if not long:
+        return examples, prompts, None
+    rows = ", ".join(str(i + 1) for i in long[:_SHOWN_ROWS])
+    rows += ", ..." if len(long) > _SHOWN_ROWS else ""
+    longest = max(len(ids[i]) for i in long)
+    limit = f"max_prompt_length={max_len} tokens"
+    if truncate:
+        return examples, prompts, (f"{what}: truncated {len(long)} of {len(ids)} prompts longer "
+                                   f"than {limit} (rows {rows}; longest {longest})")
+    if not kept:
+        raise DataError(f"{what}: all {len(ids)} prompts are longer than {limit} (longest "
+                        f"{longest}); raise max_prompt_length or set truncate_prompts: true")
+    note = f"{what}: dropped {len(long)} of {len(ids)} prompts longer than {limit} (rows {rows})"
+    return [examples[i] for i in kept], prompts, note

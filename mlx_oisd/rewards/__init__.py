@@ -5,8 +5,10 @@ Built-ins are `math` (`math_reward`: 1.0 when the final answer equals the refere
 reward is named `"package.module:function"` and has the same signature.
 
 `score_batch` sums the weighted rewards of a batch. `call_reward` is the one place in the project
-that catches a broad exception: a reward that raises, or returns something that is not a finite
-number, scores 0.0 for that item and is counted, never crashing the run.
+that catches a broad exception from a call: a reward that raises, or returns something that is not
+a finite float32 number, scores 0.0 for that item and is counted, never crashing the run. The
+other is the import of a user module in `resolve_reward`: whatever it raises (a SyntaxError, a
+RuntimeError at import time) becomes a ValueError naming the module.
 """
 
 import importlib
@@ -22,6 +24,7 @@ from .format import format_reward
 from .math import MathChecker, math_reward
 
 RewardFn = Callable[[str, str], float]
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 BUILTIN_REWARDS: dict[str, RewardFn] = {"math": math_reward, "format": format_reward}
 
 
@@ -40,6 +43,9 @@ def resolve_reward(name: str) -> RewardFn:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"reward {name!r}: cannot import module {module_name!r} ({e})") from e
+    except Exception as e:  # user code runs at import: a SyntaxError, a RuntimeError, ...
+        raise ValueError(f"reward {name!r}: importing module {module_name!r} failed "
+                         f"({type(e).__name__}: {e})") from e
     fn = getattr(module, fn_name, None)
     if fn is None:
         raise ValueError(f"reward {name!r}: module {module_name!r} has no attribute {fn_name!r}")
@@ -51,16 +57,18 @@ def resolve_reward(name: str) -> RewardFn:
 def call_reward(fn: RewardFn, completion: str, answer: str) -> tuple[float, str | None]:
     """`(fn(completion, answer), None)`, or `(0.0, exception type name)` when the reward fails.
 
-    Failing means raising anything, or returning a bool, a non-number or a NaN/inf (reported as
-    TypeError / ValueError). This is the project's only broad `except`: user code runs here.
+    Failing means raising anything, or returning a bool, a non-number, or a number that is not
+    finite in float32 (NaN, inf, |x| > 3.4e38: rewards are float32 arrays downstream, and an inf
+    there turns every gradient into NaN), reported as TypeError / ValueError. This is the
+    project's only broad `except`: user code runs here.
     """
     try:
         score = fn(completion, answer)
         if isinstance(score, bool) or not isinstance(score, Real):
             raise TypeError(f"reward returned {type(score).__name__}, expected a number")
         score = float(score)
-        if not _math.isfinite(score):
-            raise ValueError(f"reward returned {score}")
+        if not (_math.isfinite(score) and abs(score) <= _FLOAT32_MAX):
+            raise ValueError(f"reward returned {score}, not a finite float32")
         return score, None
     except Exception as e:  # the one broad except: a user reward must not crash the run
         return 0.0, type(e).__name__

@@ -15,9 +15,11 @@ item runs over, the item scoring 0.0. The worker is started with "spawn", never 
 child would inherit the parent's MLX/Metal state.
 """
 
+import ast
 import multiprocessing as mp
 import re
 import signal
+import sys
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -115,6 +117,36 @@ def _serve(conn, score_fn: str) -> None:
             conn.send(call_reward(fn, completion, answer))
 
 
+_UNGUARDED_HINT = (
+    "starts training when it is imported: the reward worker process (started with 'spawn') "
+    "imports the main script again, which runs it again; put the call under "
+    'if __name__ == "__main__":')
+
+
+def unguarded_main_script() -> str | None:
+    """The path of the running main script when it has no top-level `if __name__ ==
+    "__main__":` block (a spawned worker re-runs such a script's code), else None."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read()) if path else None
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    if tree is None:
+        return None
+    guards = {'__name__ == "__main__"', '"__main__" == __name__'}
+    guarded = any(isinstance(node, ast.If) and ast.unparse(node.test).replace("'", '"') in guards
+                  for node in tree.body)
+    return None if guarded else path
+
+
+def exit_if_reimported() -> None:
+    """In a spawned worker that is re-importing an unguarded main script (which started a run at
+    import), exit now with the fix, instead of loading a model and failing inside
+    multiprocessing; the parent's MathChecker then names the script."""
+    if getattr(mp.current_process(), "_inheriting", False):
+        raise SystemExit(f"mlx-oisd: the main script {_UNGUARDED_HINT}")
+
+
 class MathChecker:
     """Scores (completion, answer) pairs in ONE worker process, each item under `timeout_s`.
 
@@ -151,6 +183,7 @@ class MathChecker:
         self._proc = None
         self._conn = None
         self._closed = False
+        exit_if_reimported()
         self._start()
 
     def _start(self) -> None:
@@ -168,9 +201,11 @@ class MathChecker:
             status, message = conn.recv()
         except EOFError:
             self._stop()
+            script = unguarded_main_script()
+            why = f": {script} {_UNGUARDED_HINT}" if script else ""
             raise RuntimeError(
                 f"math checker worker for {self.score_fn!r} exited while starting "
-                f"(exit code {proc.exitcode})"
+                f"(exit code {proc.exitcode}){why}"
             ) from None
         if status != "ready":
             self._stop()
