@@ -134,6 +134,8 @@ class TrainConfig:
     loss_chunk_size: int | None = None  # response rows per chunk of the vocabulary-sized loss;
     # None: about 2**20 logits per chunk (objective.chunk_rows), so memory is flat in V x tokens
     compile: bool = False  # mx.compile the gradient step (P and C padded to multiples of 32)
+    gradient_checkpointing: bool = False  # recompute each block in the backward pass: the update
+    # keeps one block's activations instead of every block's, for one more forward pass
     # held-out evaluation: accuracy (math reward) of sampled completions on `eval_split`
     eval_split: str | None = None  # e.g. "test"; None: no evaluation
     eval_samples: int = 200  # first N problems of eval_split
@@ -209,7 +211,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 # different value is refused (`config_diff`, trainer.setup).
 HARMLESS_KEYS = frozenset({
     "output_dir", "max_steps", "save_every", "eval_split", "eval_samples", "eval_k",
-    "eval_every", "reward_timeout", "loss_chunk_size", "compile", "minibatch_size",
+    "eval_every", "reward_timeout", "loss_chunk_size", "compile", "gradient_checkpointing",
+    "minibatch_size",
     "rollout_batch_size", "memory_limit_gb",
     "max_nonfinite_steps", "learning_rate", "max_grad_norm",
 })

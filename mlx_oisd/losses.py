@@ -390,17 +390,40 @@ def attention_js_loss(
         q = mx.where(keep, q, 0.0)
         p = p / mx.maximum(p.sum(axis=-1, keepdims=True), 1e-30)
         q = q / mx.maximum(q.sum(axis=-1, keepdims=True), 1e-30)
-    m = 0.5 * (p + q)
-    log_m = _log_or_zero(m)
-    kl_pm = (p * (_log_or_zero(p) - log_m)).sum(axis=-1)  # [B, H, Tq]
-    kl_qm = (q * (_log_or_zero(q) - log_m)).sum(axis=-1)
-    js = (0.5 * (kl_pm + kl_qm)).mean(axis=1)  # [B, Tq]
+    js = _prob_js(p, q).mean(axis=1)  # [B, H, Tq] -> [B, Tq]
     if mask is None:
         fmask = mx.ones(js.shape, dtype=mx.float32)
     else:
         fmask = (mask > 0).astype(mx.float32)
     js = js * fmask
     return js, {"tokens": fmask.sum(), "js_sum": mx.stop_gradient(js).sum()}
+
+
+def _prob_js_value(p: mx.array, q: mx.array) -> mx.array:
+    """JS(p || q) over the last axis of probability rows, 0 log 0 = 0."""
+    log_m = _log_or_zero(0.5 * (p + q))
+    return 0.5 * ((p * (_log_or_zero(p) - log_m)).sum(axis=-1)
+                  + (q * (_log_or_zero(q) - log_m)).sum(axis=-1))
+
+
+@mx.custom_function
+def _prob_js(p, q):
+    """JS of probability rows [..., K] with the gradient in closed form: the backward pass keeps
+    only p and q (the attention rows OISD reads are (N, H, C, T) float32; autograd would also keep
+    m, log m, log p, log q and their products).
+
+        dJS/dp_k = 1/2 log(p_k / m_k)  (p_k > 0);  q is the detached teacher: no gradient.
+
+    Where p_k = 0 (a causal or padding zero of a softmax) the value given is 0: the softmax that
+    made p passes no gradient there anyway."""
+    return _prob_js_value(p, q)
+
+
+@_prob_js.vjp
+def _prob_js_vjp(primals, cotangent, output):
+    p, q = primals
+    log_ratio = mx.where(p > 0, _log_or_zero(p) - _log_or_zero(0.5 * (p + q)), 0.0)
+    return 0.5 * log_ratio * cotangent[..., None], mx.zeros_like(q)
 
 
 def weighted_alignment(per_token_js: mx.array, adv: mx.array, mode: str = "advantage") -> mx.array:

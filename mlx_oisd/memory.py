@@ -187,12 +187,18 @@ def weight_bytes(shape: ModelShape, bits: int | None = None, group_size: int | N
 
 
 def optimizer_bytes(shape: ModelShape, cfg: TrainConfig, accumulate: bool) -> int:
-    """Trainable parameters + gradients + AdamW's two moments (+ an accumulated gradient)."""
+    """Trainable parameters + gradients + AdamW's two moments (+ an accumulated gradient).
+
+    Full fine-tuning: the parameters are the weights (counted there); gradients in their dtype,
+    and for a half-precision model `precision.MasterAdamW`'s float32 master copy and float32
+    moments, else moments in the parameters' dtype."""
     copies = 4 + (1 if accumulate else 0)
     if cfg.lora is None:
         quantized = shape.quant_bits is not None
         n = shape.vector_params() + (0 if quantized else shape.matrix_params())
-        return copies * n * shape.dtype_bytes
+        b = shape.dtype_bytes
+        state = 3 * 4 if b < 4 else 2 * b  # master + moments in float32, or the moments alone
+        return n * ((copies - 3) * b + state)
     dims = shape.linear_dims()
     keys = cfg.lora.keys or list(_LINEARS)
     unknown = sorted(set(keys) - set(dims))
@@ -231,7 +237,7 @@ def update_bytes(shape: ModelShape, cfg: TrainConfig, rows: int, prompt_len: int
         per_token += 4 * sum(dims[k][0] for k in (cfg.lora.keys or _LINEARS) if k in dims)
     tokens = prompts * (P - 1) + rows * C
     per_row = b * (_ACT_PROBS * s.heads * C * (P + C) + 2 * s.kv_heads * s.head_dim * (P + C))
-    blocks = s.layers * (tokens * per_token + rows * per_row)
+    block = tokens * per_token + rows * per_row  # everything one block keeps for its backward
     chunk = cfg.loss_chunk_size or max(MIN_CHUNK_ROWS, CHUNK_LOGITS // s.vocab)
     chunk = min(chunk, rows * C)
     oisd = cfg.algorithm == "oisd"
@@ -241,8 +247,15 @@ def update_bytes(shape: ModelShape, cfg: TrainConfig, rows: int, prompt_len: int
     attn = 0
     if oisd and cfg.oisd.lambda_attn > 0:
         attn = rows * s.heads * C * (P + C) * 4 * (_ATTN_FIRST + _ATTN_PER_STUDENT * (k - 1))
+    if cfg.gradient_checkpointing:
+        # Each block keeps only its input (and the prompt's keys / values): that is held while
+        # the loss runs, then the backward pass recomputes one block at a time (its activations
+        # and about as much again of its VJP's temporaries).
+        kept = s.layers * b * (tokens * s.hidden + prompts * (P - 1) * 2 * s.kv_heads * s.head_dim)
+        return int(kept + max(2 * block, loss + attn))
     # The loss runs after the forward pass, when about _KEPT of the blocks' peak is held; the
     # rest of that peak is the backward pass's own temporaries.
+    blocks = s.layers * block
     return int(max(blocks, _KEPT * blocks + loss + attn))
 
 

@@ -121,6 +121,7 @@ def _setup(cfg: TrainConfig, resume: bool, out_dir: Path) -> Run:
     cfg, memory_plan = plan_run(cfg)  # from config.json, before any weights load
     notes.append(memory_plan.summary())
     model, tokenizer = load(cfg.model)
+    model.model.grad_checkpoint = cfg.gradient_checkpointing
     L = model.args.num_hidden_layers
     if cfg.algorithm != "grpo" and any(not 1 <= l < L for l in cfg.oisd.student_layers):
         raise ConfigError(f"oisd.student_layers {cfg.oisd.student_layers}: student blocks must be "

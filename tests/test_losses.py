@@ -473,3 +473,29 @@ def test_frozen_readout_takes_gradients_ahead_exactly(tau):
     for a, b in zip(g_got, g_want):
         assert np.abs(_np(b)).max() > 1e-3
         np.testing.assert_allclose(_np(a), _np(b), rtol=1e-4, atol=1e-6)
+
+
+def test_attention_js_gradient_equals_autograd_of_the_formula():
+    """The closed-form gradient of the attention JS equals autograd through the plain formula,
+    for a student that is a softmax with causal zeros (as the model's attention rows are)."""
+    from mlx_oisd.losses import _prob_js_value
+
+    rng = np.random.default_rng(13)
+    scores = mx.array(rng.normal(scale=2.0, size=(2, 3, 3, 5)).astype(np.float32))
+    allowed = mx.array(np.arange(5)[None, :] <= (2 + np.arange(3))[:, None])
+    teacher = mx.array(_causal_attention(rng, 2, 3, 3, 5, offset=2))
+    weights = mx.array(rng.normal(size=(2, 3)).astype(np.float32))
+
+    def student(z):
+        return mx.softmax(mx.where(allowed, z, mx.finfo(mx.float32).min), axis=-1)
+
+    def closed(z):
+        return (attention_js_loss(student(z), teacher)[0] * weights).sum()
+
+    def plain(z):
+        return (_prob_js_value(student(z), teacher).mean(axis=1) * weights).sum()
+
+    np.testing.assert_allclose(float(closed(scores)), float(plain(scores)), rtol=1e-6)
+    got, want = mx.grad(closed)(scores), mx.grad(plain)(scores)
+    assert np.abs(_np(want)).max() > 1e-3
+    np.testing.assert_allclose(_np(got), _np(want), rtol=1e-4, atol=1e-7)

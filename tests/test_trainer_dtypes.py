@@ -39,6 +39,7 @@ def _finite(path):
     ("bfloat16", {"compile": True, "algorithm": "bupo", "bupo": {"internal_steps": 1}, "beta": 0.05}),
     ("bfloat16", {"lora": None, "learning_rate": 1e-4}),
     ("bfloat16", {"quantize": {"bits": 4, "group_size": 32}, "num_iterations": 2}),
+    ("bfloat16", {"gradient_checkpointing": True, "compile": True, "minibatch_size": 2}),
     ("float16", {"compile": True, "algorithm": "grpo"}),
     ("mlx-4bit", {}),
     ("mlx-8bit", {"algorithm": "bupo", "bupo": {"internal_steps": 1}, "compile": True}),

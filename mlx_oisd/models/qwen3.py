@@ -20,6 +20,7 @@ prompt costs B instead of B*G rows of compute, and gradients through it add up o
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -114,6 +115,12 @@ class PrefixRecorder:
 
     offset = 0
 
+    @classmethod
+    def holding(cls, keys, values) -> "PrefixRecorder":
+        recorder = cls()
+        recorder.keys, recorder.values = keys, values
+        return recorder
+
     def update_and_fetch(self, keys, values):
         self.keys, self.values = keys, values
         return keys, values
@@ -131,6 +138,31 @@ class SharedPrefix:
         r = self.recorded
         return (mx.concatenate([r.keys[self.group], keys], axis=2),
                 mx.concatenate([r.values[self.group], values], axis=2))
+
+
+def checkpointed_block(layer, x, mask=None, cache=None, attention_rows: int | None = None):
+    """`layer(x, mask, cache, attention_rows)` under `mx.checkpoint` (gradient checkpointing):
+    the backward pass keeps the block's input instead of its activations and recomputes the
+    block. For the training passes' caches (None, PrefixRecorder, SharedPrefix) the prefix
+    keys / values become explicit inputs and outputs of the checkpointed function, so gradients
+    still flow through the shared prompt. LoRA dropout would draw new masks when recomputed."""
+
+    def run(x, *kv):
+        c = cache
+        if isinstance(cache, SharedPrefix):
+            c = SharedPrefix(PrefixRecorder.holding(*kv), cache.group)
+        elif isinstance(cache, PrefixRecorder):
+            c = PrefixRecorder()
+        out = layer(x, mask, c, attention_rows)
+        out = list(out) if attention_rows is not None else [out]
+        return out + ([c.keys, c.values] if isinstance(cache, PrefixRecorder) else [])
+
+    assert cache is None or isinstance(cache, (PrefixRecorder, SharedPrefix)), type(cache)
+    kv = [cache.recorded.keys, cache.recorded.values] if isinstance(cache, SharedPrefix) else []
+    out = nn.utils.checkpoint(layer, run)(x, *kv)
+    if isinstance(cache, PrefixRecorder):
+        *out, cache.keys, cache.values = out
+    return tuple(out) if attention_rows is not None else out[0]
 
 
 class Attention(nn.Module):
@@ -221,6 +253,8 @@ class Qwen3Model(nn.Module):
         self.layers = [TransformerBlock(args=args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
+    grad_checkpoint = False  # training passes recompute each block in the backward pass
+
     def __call__(self, inputs, cache=None, input_embeddings=None, capture: Internals | None = None,
                  mask=None, attention_rows: int = 0):
         """The one layer loop. With `capture`, fills capture.hidden / capture.attention for the
@@ -231,11 +265,14 @@ class Qwen3Model(nn.Module):
         if mask is None:
             mask = create_attention_mask(h, cache[0])
 
+        checkpointed = self.grad_checkpoint and self.training
         for l, (layer, c) in enumerate(zip(self.layers, cache), start=1):
-            if capture is not None and l in capture.attention:
-                h, capture.attention[l] = layer(h, mask, c, attention_rows)
+            rows = attention_rows if capture is not None and l in capture.attention else None
+            block = partial(checkpointed_block, layer) if checkpointed else layer
+            if rows is not None:
+                h, capture.attention[l] = block(h, mask, c, rows)
             else:
-                h = layer(h, mask, c)
+                h = block(h, mask, c)
             if capture is not None and l in capture.hidden:
                 capture.hidden[l] = h
         return self.norm(h)
