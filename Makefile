@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/oisd-mlx train configs/demo.yaml
+	$(BIN)/oisd-mlx train configs/demo.yaml --resume  # a second run finds the finished one
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

@@ -198,7 +198,7 @@ def main(argv=None):
         tables.append(run)
         print(run.markdown())
     if not args.no_write:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         command = "python -m bench.rehearsal " + shlex.join(argv if argv is not None else sys.argv[1:])
         text = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
         body = "\n\n".join(t.markdown() for t in tables)
