@@ -211,9 +211,11 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     signal quits at once); so do `max_nonfinite_steps` skipped updates in a row, keeping the
     last good checkpoint."""
     run = setup(cfg, resume)
-    writer = MetricsWriter(run.out_dir / "metrics.jsonl", cfg.max_steps, run.start_step, show_progress)
     streak, saved = 0, run.start_step or None  # non-finite steps in a row; newest checkpoint
+    writer = None
     try:
+        writer = MetricsWriter(run.out_dir / "metrics.jsonl", cfg.max_steps, run.start_step,
+                               show_progress)
         with StopSignals() as signals:
             for note in run.notes:
                 writer.print(note)
@@ -240,7 +242,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
                     raise TrainingStopped(f"interrupted at step {step}; saved checkpoint step "
                                           f"{step}; continue with --resume", 128 + signals.signum)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         run.lock.release()
         for worker in run.workers.values():
             worker.close()

@@ -151,8 +151,7 @@ _DEEP = {"num_layers": 8, "hidden_size": 256, "intermediate_size": 768, "num_hea
     ("grpo", {"num_layers": 2, "hidden_size": 512, "intermediate_size": 1536, "num_heads": 8,
               "head_dim": 64, "vocab_size": 4096, "dtype": "bfloat16"}, 48, False),  # LoRA inputs
     # gradient checkpointing, where the blocks dominate as at real sizes (measured 0.78-1.14;
-    # a 2-block model whose loss chunk dominates is overestimated up to 2x)
-    ("oisd", {"vocab_size": 4096}, 48, True),
+    # tiny models whose loss chunk dominates are overestimated by up to 2x)
     ("oisd", {**_DEEP, "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 384}, 160,
      True),
     ("grpo", _DEEP, 160, True),
