@@ -20,7 +20,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-import yaml
+from test_trainer import _config as trainer_config
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -316,24 +316,9 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
 
 def _config(tmp_path, data_dir=None, **over):
     """tests/test_trainer.py's tiny run, checkpointed every step; `data_dir` holds train.jsonl."""
-    data = (data_dir or tmp_path) / "train.jsonl"
-    if not data.is_file():
-        data.write_text("".join(json.dumps({"q": f"What is {a} + {b}?", "a": a + b}) + "\n"
-                                for a in range(10, 16) for b in range(20, 23)))
-    cfg = {
-        "model": "builtin:tiny", "output_dir": str(tmp_path / "run"),
-        "dataset": {"source": str(data), "prompt_field": "q", "answer_field": "a"},
-        "algorithm": "oisd", "max_steps": 3, "batch_size": 2, "num_generations": 3,
-        "max_completion_length": 8, "learning_rate": 1e-3, "lr_scheduler_type": "constant",
-        "lora": {"rank": 4, "scale": 10.0, "dropout": 0.0, "num_layers": -1},
-        "oisd": {"student_layers": [1], "lambda_logit": 1.0, "lambda_attn": 0.1},
-        "rewards": [{"name": "test_checkpoint:parity_reward"}, {"name": "format", "weight": 0.1}],
-        "save_every": 1, "seed": 0,
-    }
-    cfg.update(over)
-    path = tmp_path / f"cfg-{uuid.uuid4().hex[:6]}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    cfg = {"rewards": [{"name": "test_checkpoint:parity_reward"}, {"name": "format", "weight": 0.1}],
+           "save_every": 1, "minibatch_size": None, **over}
+    return trainer_config(tmp_path, data_dir, f"cfg-{uuid.uuid4().hex[:6]}.yaml", **cfg)
 
 
 def _train(*args, exit_code=0):

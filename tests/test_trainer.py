@@ -43,10 +43,13 @@ def nan_reward(completion, answer):
     return float("nan")
 
 
-def _config(tmp_path, **over):
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"q": f"What is {a} + {b}?", "a": a + b}) + "\n"
-                            for a in range(10, 16) for b in range(20, 23)))
+def _config(tmp_path, data_dir=None, name="cfg.yaml", **over):
+    """A 3-step tiny run's config file in `tmp_path`; `data_dir` holds train.jsonl (default:
+    tmp_path), written when absent."""
+    data = (data_dir or tmp_path) / "train.jsonl"
+    if not data.is_file():
+        data.write_text("".join(json.dumps({"q": f"What is {a} + {b}?", "a": a + b}) + "\n"
+                                for a in range(10, 16) for b in range(20, 23)))
     cfg = {
         "model": "builtin:tiny", "output_dir": str(tmp_path / "run"),
         "dataset": {"source": str(data), "prompt_field": "q", "answer_field": "a"},
@@ -58,7 +61,7 @@ def _config(tmp_path, **over):
         "save_every": 2, "seed": 0, "minibatch_size": 4,
     }
     cfg.update(over)
-    path = tmp_path / "cfg.yaml"
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
 
