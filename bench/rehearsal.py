@@ -156,11 +156,11 @@ def run_recipe(size: str, models: Path, steps: int) -> list:
 
 def prompt_tokens(folder: Path, cfg) -> int:
     """Tokens of the longest rendered prompt of the rehearsal's dataset."""
-    from mlx_oisd.data import render_prompt
+    from mlx_oisd.data import PromptFormat
     from mlx_oisd.loading import tokenizer_for
 
     tok = tokenizer_for(folder)
-    return max(len(render_prompt(tok, q, cfg.dataset.system_prompt, cfg.enable_thinking))
+    return max(len(PromptFormat.of(cfg).render(tok, q))
                for q in QUESTIONS)
 
 

@@ -10,6 +10,18 @@ def _fail(e: Exception):
     raise typer.Exit(2)
 
 
+def prompt_format(system_prompt: str | None, instruction: str | None, enable_thinking: bool):
+    """The PromptFormat of --system-prompt / --instruction ('none': no instruction; unset: the
+    training default) / --enable-thinking."""
+    from mlx_oisd.data.prompts import MATH_INSTRUCTION, PromptFormat
+
+    if instruction is None:
+        instruction = MATH_INSTRUCTION
+    elif instruction.lower() in ("none", "null", ""):
+        instruction = None
+    return PromptFormat(system_prompt, instruction, enable_thinking)
+
+
 def _parse_ks(text: str) -> list[int]:
     try:
         ks = [int(k) for k in text.split(",") if k.strip()]
@@ -41,6 +53,9 @@ def eval_command(
     layer: int = typer.Option(None, "--layer", help="Also score block L's greedy logit-lens policy."),
     enable_thinking: bool = typer.Option(False, "--enable-thinking", help="Let Qwen3 reason."),
     system_prompt: str = typer.Option(None, "--system-prompt"),
+    instruction: str = typer.Option(
+        None, "--instruction", help="Text after each question (default: the math instruction "
+        "training uses; 'none' for none)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Sequences decoding together."),
     reward_timeout: float = typer.Option(10.0, "--reward-timeout", help="Seconds per answer check."),
     seed: int = typer.Option(0, "--seed"),
@@ -63,6 +78,7 @@ def eval_command(
     from mlx_oisd.rewards import MathChecker
 
     ks = _parse_ks(pass_k)
+    fmt = prompt_format(system_prompt, instruction, enable_thinking)
     if not benchmark and not data:
         _fail(ValueError("nothing to evaluate: give --benchmark NAME and/or --data FILE"))
     if k < 1 or max_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
@@ -77,8 +93,8 @@ def eval_command(
         net, tokenizer = load(model, adapter_path=adapter)
         with MathChecker(timeout_s=reward_timeout) as checker:
             results = evaluate_benchmarks(
-                net, tokenizer, sets, k, ks, max_tokens, temperature, top_p, system_prompt,
-                enable_thinking, checker, layer, batch_size, seed,
+                net, tokenizer, sets, k, ks, max_tokens, temperature, top_p, fmt, checker, layer,
+                batch_size, seed,
                 progress=lambda msg: typer.echo(msg, err=True))
     except (DataError, ModelLoadError, ValueError) as e:
         _fail(e)
@@ -86,7 +102,7 @@ def eval_command(
         "model": model, "adapter": str(adapter) if adapter else None, "k": k, "pass_k": ks,
         "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "limit": limit,
         "layer": layer, "enable_thinking": enable_thinking, "system_prompt": system_prompt,
-        "seed": seed,
+        "instruction": fmt.instruction, "seed": seed,
     }
     typer.echo(format_results(results))
     if out is not None:
@@ -104,6 +120,9 @@ def lens_command(
     max_tokens: int = typer.Option(64, "--max-tokens", help="Greedy completion length (--prompt)."),
     enable_thinking: bool = typer.Option(False, "--enable-thinking"),
     system_prompt: str = typer.Option(None, "--system-prompt"),
+    instruction: str = typer.Option(
+        None, "--instruction", help="Text after each question (default: the math instruction; "
+        "'none' for none)."),
     start: int = typer.Option(0, "--start", help="First response position in the terminal table."),
     columns: int = typer.Option(10, "--columns", help="Positions in the terminal table."),
     out_png: Path = typer.Option(None, "--out-png", help="Heatmap PNG (one per --label)."),
@@ -148,8 +167,9 @@ def lens_command(
             rows = read_completions(completions)
             prompts, texts = [r["prompt"] for r in rows], [r["completion"] for r in rows]
         runs, tokenizer = compare_lens(model, adapters, labels, prompts, texts,
-                                       max_tokens=max_tokens, system_prompt=system_prompt,
-                                       enable_thinking=enable_thinking)
+                                       max_tokens=max_tokens,
+                                       fmt=prompt_format(system_prompt, instruction,
+                                                         enable_thinking))
         for run in runs:
             typer.echo(format_lens_table(run, tokenizer, start=start, columns=columns) + "\n")
             if out_png is not None:

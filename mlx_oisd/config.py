@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .data.prompts import MATH_INSTRUCTION
 from .io import write_text
 
 Algorithm = Literal["grpo", "oisd", "bupo"]
@@ -46,6 +47,7 @@ class DatasetConfig:
     prompt_field: str = "question"
     answer_field: str = "answer"
     system_prompt: str | None = None
+    instruction: str | None = MATH_INSTRUCTION  # appended to every question; null: none
     max_samples: int | None = None  # None: every row of `split`
 
 

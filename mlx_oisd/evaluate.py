@@ -26,7 +26,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from .data.prompts import render_prompt
+from .data.prompts import PromptFormat
 from .data.sources import DataError, Example, load_examples
 from .lens import lens_generate
 from .rewards import MathChecker, score_batch
@@ -104,8 +104,8 @@ def _score(texts: list[str], answers: list[str], checker: MathChecker | None):
 
 
 def sample_correct(model, tokenizer, examples, n: int, max_tokens: int, temperature: float = 1.0,
-                   top_p: float = 1.0, system_prompt: str | None = None,
-                   enable_thinking: bool = False, checker: MathChecker | None = None,
+                   top_p: float = 1.0, fmt: PromptFormat = PromptFormat(),
+                   checker: MathChecker | None = None,
                    prompts_per_chunk: int = 64, sampler: Callable | None = None,
                    max_prompt_length: int | None = None):
     """Sample n completions per example and score them (prompts longer than
@@ -119,8 +119,7 @@ def sample_correct(model, tokenizer, examples, n: int, max_tokens: int, temperat
     rows, info = [], {"tokens": 0, "truncated": 0, "failed": 0}
     for start in range(0, len(examples), prompts_per_chunk):
         chunk = examples[start:start + prompts_per_chunk]
-        prompts = [render_prompt(tokenizer, ex.prompt, system_prompt, enable_thinking)
-                   [-(max_prompt_length or 0):] for ex in chunk]
+        prompts = [fmt.render(tokenizer, ex.prompt)[-(max_prompt_length or 0):] for ex in chunk]
         rollout = sampler(model, prompts, n, max_tokens, tokenizer.eos_token_ids, temperature,
                           top_p)
         texts = [tokenizer.decode(c) for c in rollout.completions]
@@ -134,21 +133,20 @@ def sample_correct(model, tokenizer, examples, n: int, max_tokens: int, temperat
 
 
 def avg_at_k(model, tokenizer, examples, k: int = 1, max_tokens: int = 256,
-             temperature: float = 1.0, top_p: float = 1.0, system_prompt: str | None = None,
-             enable_thinking: bool = False, checker: MathChecker | None = None,
+             temperature: float = 1.0, top_p: float = 1.0, fmt: PromptFormat = PromptFormat(),
+             checker: MathChecker | None = None,
              prompts_per_chunk: int = 64,
              max_prompt_length: int | None = None) -> tuple[float, np.ndarray]:
     """Avg@k of `examples` (each with .prompt, .answer); returns (avg, per-problem accuracy [n])."""
     correct, _ = sample_correct(model, tokenizer, examples, k, max_tokens, temperature, top_p,
-                                system_prompt, enable_thinking, checker, prompts_per_chunk,
+                                fmt, checker, prompts_per_chunk,
                                 max_prompt_length=max_prompt_length)
     acc = correct.mean(axis=1) if len(correct) else np.zeros(0)
     return float(acc.mean()) if len(acc) else 0.0, acc
 
 
 def lens_correct(model, tokenizer, examples, layer: int, max_tokens: int,
-                 system_prompt: str | None = None, enable_thinking: bool = False,
-                 checker: MathChecker | None = None, prompts_per_chunk: int = 64):
+                 fmt: PromptFormat = PromptFormat(), checker: MathChecker | None = None, prompts_per_chunk: int = 64):
     """Greedy completions of block `layer`'s lens policy, scored: correct [P] and info as in
     `sample_correct`."""
     eos = sorted(tokenizer.eos_token_ids)
@@ -156,8 +154,7 @@ def lens_correct(model, tokenizer, examples, layer: int, max_tokens: int,
     rows, info = [], {"tokens": 0, "truncated": 0, "failed": 0}
     for start in range(0, len(examples), prompts_per_chunk):
         chunk = examples[start:start + prompts_per_chunk]
-        prompts = [render_prompt(tokenizer, ex.prompt, system_prompt, enable_thinking)
-                   for ex in chunk]
+        prompts = [fmt.render(tokenizer, ex.prompt) for ex in chunk]
         completions = lens_generate(model, prompts, layer, max_tokens, eos, pad)
         correct, failed = _score([tokenizer.decode(c) for c in completions],
                                  [ex.answer for ex in chunk], checker)
@@ -171,8 +168,7 @@ def lens_correct(model, tokenizer, examples, layer: int, max_tokens: int,
 def evaluate_benchmarks(model, tokenizer, benchmarks: dict[str, list[Example]], n: int = 8,
                         ks: Sequence[int] = (1,), max_tokens: int = 4096,
                         temperature: float = 0.6, top_p: float = 0.95,
-                        system_prompt: str | None = None, enable_thinking: bool = False,
-                        checker: MathChecker | None = None, layer: int | None = None,
+                        fmt: PromptFormat = PromptFormat(), checker: MathChecker | None = None, layer: int | None = None,
                         rows_per_chunk: int = 64, seed: int = 0,
                         progress: Callable[[str], None] | None = None) -> dict:
     """Avg@n, Pass@k (and lens@layer) of every benchmark, and their mean over benchmarks.
@@ -191,7 +187,7 @@ def evaluate_benchmarks(model, tokenizer, benchmarks: dict[str, list[Example]], 
         t0 = time.perf_counter()
         mx.random.seed(seed)  # a benchmark's samples do not depend on which ran before it
         correct, info = sample_correct(model, tokenizer, examples, n, max_tokens, temperature,
-                                       top_p, system_prompt, enable_thinking, checker, per_chunk)
+                                       top_p, fmt, checker, per_chunk)
         res = summarize(correct, ks)
         res["completion_tokens_mean"] = info["tokens"] / correct.size
         res["truncated_frac"] = info["truncated"] / correct.size
@@ -199,7 +195,7 @@ def evaluate_benchmarks(model, tokenizer, benchmarks: dict[str, list[Example]], 
         res["correct_counts"] = correct.sum(axis=1).astype(int).tolist()
         if layer is not None:
             lens_ok, lens_info = lens_correct(model, tokenizer, examples, layer, max_tokens,
-                                              system_prompt, enable_thinking, checker,
+                                              fmt, checker,
                                               rows_per_chunk)
             res[f"lens@{layer}"] = float(lens_ok.mean())
             res["reward_failures"] += lens_info["failed"]

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from .data.prompts import render_prompt
+from .data.prompts import PromptFormat
 from .data.sources import DataError
 from .io import atomic_write, read_jsonl
 from .models.qwen3 import Internals, padding_attention_mask
@@ -188,12 +188,11 @@ def read_completions(path: str | Path) -> list[dict]:
 
 
 def lens_run(model, tokenizer, label: str, prompts: list[str], completions: list[str] | None,
-             max_tokens: int = 64, system_prompt: str | None = None,
-             enable_thinking: bool = False) -> LensRun:
+             max_tokens: int = 64, fmt: PromptFormat = PromptFormat()) -> LensRun:
     """Lens tables of `model` over questions `prompts` (rendered with the chat template) followed
     by the given `completions` texts, or, when None, by the model's own greedy completions."""
     model.eval()
-    ids = [render_prompt(tokenizer, q, system_prompt, enable_thinking) for q in prompts]
+    ids = [fmt.render(tokenizer, q) for q in prompts]
     if completions is None:
         eos = sorted(tokenizer.eos_token_ids)
         outs = lens_generate(model, ids, model.args.num_hidden_layers, max_tokens, eos,

@@ -32,7 +32,7 @@ from .config import (
     to_dict,
     validate,
 )
-from .data.prompts import render_examples
+from .data.prompts import PromptFormat, render_examples
 from .data.sampler import PromptSampler
 from .data.sources import load_examples
 from .evaluate import avg_at_k
@@ -141,7 +141,7 @@ def _setup(cfg: TrainConfig, resume: bool, out_dir: Path) -> Run:
     examples = load_examples(d.source, d.split, d.config, d.prompt_field, d.answer_field, d.max_samples)
     eval_examples = [] if cfg.eval_split is None else load_examples(
         d.source, cfg.eval_split, d.config, d.prompt_field, d.answer_field, cfg.eval_samples)
-    fit = (cfg.max_prompt_length, cfg.truncate_prompts, d.system_prompt, cfg.enable_thinking)
+    fit = (cfg.max_prompt_length, cfg.truncate_prompts, PromptFormat.of(cfg))
     examples, prompts, note = render_examples(tokenizer, examples, *fit, f"{d.source} ({d.split})")
     if eval_examples:
         eval_examples, _, eval_note = render_examples(tokenizer, eval_examples, *fit,
@@ -279,7 +279,7 @@ def evaluate(run: Run) -> float:
     mx.random.seed(cfg.seed + 7)  # the same eval samples' randomness before and after training
     acc, _ = avg_at_k(run.model, run.tokenizer, run.eval_examples, cfg.eval_k,
                       cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                      cfg.dataset.system_prompt, cfg.enable_thinking, run.workers.get("math"),
+                      PromptFormat.of(cfg), run.workers.get("math"),
                       prompts_per_chunk=max(1, cfg.rollout_batch_size // cfg.eval_k),  # the cap
                       max_prompt_length=cfg.max_prompt_length)
     return acc

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import mlx_oisd.evaluate as evaluate
 from cli.main import app
+from mlx_oisd.data.prompts import PromptFormat
 from mlx_oisd.data.sources import DataError, Example
 from mlx_oisd.evaluate import (
     BENCHMARKS,
@@ -166,7 +167,8 @@ def test_sample_correct_scores_completions_written_after_qwen3s_template(
     _, tok = load(tiny_dir)  # tiny models carry Qwen3's chat template
     policy = ScriptedPolicy(tok, texts)
     correct, info = sample_correct(None, tok, [Example("What is 2 + 3?", "5")], n=len(texts),
-                                   max_tokens=64, enable_thinking=enable_thinking, sampler=policy)
+                                   max_tokens=64, fmt=PromptFormat(enable_thinking=enable_thinking),
+                                   sampler=policy)
     assert correct[0].tolist() == right
     assert info["truncated"] == sum(cut for _, cut in texts)
     end = "<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n")

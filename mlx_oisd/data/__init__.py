@@ -1,6 +1,6 @@
 """Prompt data: sources (local files, Hub datasets, built-in tasks), prompt rendering, sampling."""
 
-from .prompts import MATH_INSTRUCTION, prompt_messages, render_prompt
+from .prompts import MATH_INSTRUCTION, PromptFormat, prompt_messages, render_prompt
 from .sampler import PromptSampler
 from .sources import (
     DataError,
@@ -14,6 +14,7 @@ __all__ = [
     "MATH_INSTRUCTION",
     "DataError",
     "Example",
+    "PromptFormat",
     "PromptSampler",
     "gold_answer",
     "load_examples",

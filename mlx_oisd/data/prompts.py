@@ -1,14 +1,18 @@
-"""The prompt a policy sees: chat template around the question and Qwen's math instruction.
+"""The prompt a policy sees: chat template around the question and an instruction.
 
 `render_prompt` builds `[system?, user]` messages, the user turn being the question followed by
-`MATH_INSTRUCTION` (the suffix Qwen's math evaluations use), renders them with the tokenizer's
-chat template with the assistant header open, and returns the token ids. `enable_thinking`
-reaches Qwen3's template: False pre-fills an empty `<think>` block, True lets the model reason.
+the instruction (`dataset.instruction`; default `MATH_INSTRUCTION`, the suffix Qwen's math
+evaluations use; None for none), renders them with the tokenizer's chat template with the
+assistant header open, and returns the token ids. `enable_thinking` reaches Qwen3's template:
+False pre-fills an empty `<think>` block, True lets the model reason. `PromptFormat` holds the
+three settings, so train, eval, lens, generate and the model card use one format.
 
 `render_examples` renders a whole dataset once and applies `max_prompt_length` (TRL's name:
 tokens of the rendered prompt): longer prompts are dropped and reported, or cut from the left.
 No prompt of any size reaches the model, whose attention over a huge prompt would exhaust memory.
 """
+
+from dataclasses import dataclass
 
 from .sources import DataError, Example
 
@@ -17,14 +21,17 @@ _SHOWN_ROWS = 10  # rows named in the dropped-prompts report
 MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
-def prompt_messages(question: str, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """Chat messages for `question`: an optional system turn, then the user turn."""
+def prompt_messages(question: str, system_prompt: str | None = None,
+                    instruction: str | None = MATH_INSTRUCTION) -> list[dict[str, str]]:
+    """Chat messages for `question`: an optional system turn, then the user turn (the question,
+    then `instruction` when it is not None)."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": question + MATH_INSTRUCTION}]
+    return messages + [{"role": "user", "content": question + (instruction or "")}]
 
 
 def render_prompt(
-    tokenizer, question: str, system_prompt: str | None = None, enable_thinking: bool = False
+    tokenizer, question: str, system_prompt: str | None = None, enable_thinking: bool = False,
+    instruction: str | None = MATH_INSTRUCTION,
 ) -> list[int]:
     """Token ids of the templated prompt, ending with the assistant header.
 
@@ -32,12 +39,35 @@ def render_prompt(
     The text is encoded without adding special tokens: the template already holds them.
     """
     text = tokenizer.apply_chat_template(
-        prompt_messages(question, system_prompt),
+        prompt_messages(question, system_prompt, instruction),
         add_generation_prompt=True,
         tokenize=False,
         enable_thinking=enable_thinking,
     )
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes a prompt: the run's `dataset.system_prompt`,
+    `dataset.instruction` and `enable_thinking` (`PromptFormat.of(cfg)`)."""
+
+    system_prompt: str | None = None
+    instruction: str | None = MATH_INSTRUCTION
+    enable_thinking: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> "PromptFormat":
+        """The format of a TrainConfig."""
+        d = cfg.dataset
+        return cls(d.system_prompt, d.instruction, cfg.enable_thinking)
+
+    def render(self, tokenizer, question: str) -> list[int]:
+        return render_prompt(tokenizer, question, self.system_prompt, self.enable_thinking,
+                             self.instruction)
+
+    def messages(self, question: str) -> list[dict[str, str]]:
+        return prompt_messages(question, self.system_prompt, self.instruction)
 
 
 def fit_prompts(
@@ -58,14 +88,14 @@ def fit_prompts(
 
 def render_examples(
     tokenizer, examples: list[Example], max_len: int, truncate: bool,
-    system_prompt: str | None = None, enable_thinking: bool = False, what: str = "dataset",
+    fmt: PromptFormat = PromptFormat(), what: str = "dataset",
 ) -> tuple[list[Example], list[list[int]], str | None]:
     """Render every example once and apply `max_len` (`fit_prompts`).
 
     Returns the kept examples, their prompt ids, and a one-line report of what was dropped or
     truncated (None when every prompt fits). Raises DataError when every prompt is too long.
     """
-    ids = [render_prompt(tokenizer, ex.prompt, system_prompt, enable_thinking) for ex in examples]
+    ids = [fmt.render(tokenizer, ex.prompt) for ex in examples]
     kept, prompts, long = fit_prompts(ids, max_len, truncate)
     if not long:
         return examples, prompts, None
