@@ -4,6 +4,8 @@ from pathlib import Path
 
 import typer
 
+from cli.options import positional_or_flag
+
 
 def _fail(e: Exception):
     typer.echo(f"error: {e}", err=True)
@@ -22,6 +24,31 @@ def prompt_format(system_prompt: str | None, instruction: str | None, enable_thi
     return PromptFormat(system_prompt, instruction, enable_thinking)
 
 
+def load_data_option(spec: str, split: str, prompt_field: str | None, answer_field: str | None,
+                     limit: int | None):
+    """(column name, examples) of one `--data SOURCE[:PROMPT_FIELD[:ANSWER_FIELD]]`; a missing
+    field's error says which --data to pass."""
+    from mlx_oisd.data.sources import (
+        BUILTIN_PREFIX,
+        is_file_source,
+        load_examples,
+        parse_source_spec,
+    )
+
+    source, own_prompt, own_answer = parse_source_spec(spec)
+    shown = source.replace("{", "{{").replace("}", "}}")
+    hints = (f"pass --data {shown}:{{field}}", f"pass --data {shown}:{{prompt}}:{{field}}")
+    examples = load_examples(source, split, None, own_prompt or prompt_field,
+                             own_answer or answer_field, limit, field_hints=hints)
+    if source.startswith(BUILTIN_PREFIX):
+        name = f"{source[len(BUILTIN_PREFIX):].partition('?')[0]}-{split}"
+    elif is_file_source(source):
+        name = Path(source).stem
+    else:  # a Hub id
+        name = f"{source.rsplit('/', 1)[-1]}-{split}"
+    return name, examples
+
+
 def _parse_ks(text: str) -> list[int]:
     try:
         ks = [int(k) for k in text.split(",") if k.strip()]
@@ -34,20 +61,31 @@ def _parse_ks(text: str) -> list[int]:
 
 
 def eval_command(
-    model: str = typer.Argument(..., help="Base model: Hub id, local folder or builtin:tiny."),
-    adapter: Path = typer.Option(None, "--adapter", help="mlx-lm adapter folder (a run's adapters/)."),
+    model: str = typer.Argument(None, help="Base model: Hub id, local folder or builtin:tiny.",
+                                show_default=False),
+    model_flag: str = typer.Option(None, "--model", help="The base model, mlx-lm style."),
+    adapter: Path = typer.Option(None, "--adapter", "--adapter-path",
+                                 help="mlx-lm adapter folder (a run's adapters/)."),
     benchmark: list[str] = typer.Option(
         [], "--benchmark", "-b", help="math500 | aime24 | aime25 | amc23 | gsm8k (repeatable)."),
     benchmark_dir: Path = typer.Option(
         None, "--benchmark-dir", help="Read NAME.jsonl from this folder instead of the Hub."),
-    data: list[Path] = typer.Option(
-        [], "--data", help="Local .jsonl/.json/.parquet benchmark (repeatable), named by its stem."),
-    prompt_field: str = typer.Option("question", "--prompt-field", help="Question field of --data."),
-    answer_field: str = typer.Option("answer", "--answer-field", help="Answer field of --data."),
+    data: list[str] = typer.Option(
+        [], "--data", help="SOURCE[:PROMPT_FIELD[:ANSWER_FIELD]] (repeatable): a local "
+        ".jsonl/.json/.parquet file (named by its stem), a builtin: task or a Hub dataset id; "
+        "fields not given are detected (question, problem, prompt, ...; answer, ..., solution)."),
+    split: str = typer.Option("test", "--split", help="Split of builtin: and Hub --data sources."),
+    prompt_field: str = typer.Option(
+        None, "--prompt-field", help="Question field of every --data without its own."),
+    answer_field: str = typer.Option(
+        None, "--answer-field", help="Answer field of every --data without its own."),
     k: int = typer.Option(8, "-k", "--k", help="Samples per problem (n of Avg@n and Pass@k)."),
     pass_k: str = typer.Option("1", "--pass-k", help="Comma-separated k for Pass@k (each <= -k)."),
-    temperature: float = typer.Option(0.6, "--temperature"),
+    temperature: float = typer.Option(0.6, "--temperature", "--temp"),
     top_p: float = typer.Option(0.95, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k likeliest tokens; 0: off."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top "
+                                "probability; 0: off."),
     max_tokens: int = typer.Option(4096, "--max-tokens", help="Completion length limit."),
     limit: int = typer.Option(None, "--limit", help="Only the first N problems of each benchmark."),
     layer: int = typer.Option(None, "--layer", help="Also score block L's greedy logit-lens policy."),
@@ -60,6 +98,9 @@ def eval_command(
     reward_timeout: float = typer.Option(10.0, "--reward-timeout", help="Seconds per answer check."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(None, "--out", help="Write the results as JSON."),
+    save_samples: Path = typer.Option(
+        None, "--save-samples", help="Write every sample (prompt, completion, answer, correct, "
+        "...) as jsonl; `oisd-mlx lens --completions` reads it."),
 ):
     """Avg@k and unbiased Pass@k of a model (and adapter) on math benchmarks.
 
@@ -69,69 +110,94 @@ def eval_command(
 
       oisd-mlx eval Qwen/Qwen3-0.6B -b gsm8k --limit 200 -k 4 --layer 5
 
-      oisd-mlx eval builtin:tiny-arith --data test.jsonl --prompt-field question -k 4 --max-tokens 16
+      oisd-mlx eval builtin:tiny-arith --data "builtin:arith?digits=1&terms=2&n=61&n_test=20" --split test -k 16 --max-tokens 8
+
+      oisd-mlx eval Qwen/Qwen3-0.6B --data gsm8k_test.jsonl --data math500.jsonl:problem:answer -k 4
+
+      oisd-mlx eval Qwen/Qwen3-0.6B -b math500 --limit 50 -k 4 --save-samples samples.jsonl
     """
-    from mlx_oisd.data.sources import DataError, load_examples
+    from mlx_oisd.data.sources import DataError
     from mlx_oisd.evaluate import evaluate_benchmarks, format_results, load_benchmark
     from mlx_oisd.io import write_json
     from mlx_oisd.loading import ModelLoadError, load
     from mlx_oisd.rewards import MathChecker
+    from mlx_oisd.samples import write_samples
 
+    model = positional_or_flag(model, model_flag, "--model", "MODEL")
     ks = _parse_ks(pass_k)
+    samples = [] if save_samples is not None else None
     fmt = prompt_format(system_prompt, instruction, enable_thinking)
     if not benchmark and not data:
         _fail(ValueError("nothing to evaluate: give --benchmark NAME and/or --data FILE"))
     if k < 1 or max_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
         _fail(ValueError("-k, --max-tokens, --batch-size and --limit must be >= 1"))
+    if top_k < 0 or not 0 <= min_p <= 1:
+        _fail(ValueError(f"--top-k must be >= 0 (got {top_k}) and --min-p in [0, 1] "
+                         f"(got {min_p})"))
     if [x for x in ks if x > k]:
         typer.echo(f"note: Pass@k for k > {k} skipped (needs at least k samples)", err=True)
     try:
         sets = {name: load_benchmark(name, limit, benchmark_dir) for name in benchmark}
-        for path in data:
-            sets[path.stem] = load_examples(str(path), prompt_field=prompt_field,
-                                            answer_field=answer_field, max_samples=limit)
+        for spec in data:
+            name, examples = load_data_option(spec, split, prompt_field, answer_field, limit)
+            sets[name if name not in sets else f"{name}-{len(sets) + 1}"] = examples
         net, tokenizer = load(model, adapter_path=adapter)
         with MathChecker(timeout_s=reward_timeout) as checker:
             results = evaluate_benchmarks(
                 net, tokenizer, sets, k, ks, max_tokens, temperature, top_p, fmt, checker, layer,
                 batch_size, seed,
-                progress=lambda msg: typer.echo(msg, err=True))
+                progress=lambda msg: typer.echo(msg, err=True), samples=samples,
+                top_k=top_k, min_p=min_p)
     except (DataError, ModelLoadError, ValueError) as e:
         _fail(e)
     results["settings"] = {
         "model": model, "adapter": str(adapter) if adapter else None, "k": k, "pass_k": ks,
-        "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "limit": limit,
+        "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+        "max_tokens": max_tokens, "limit": limit,
+        "split": split,
         "layer": layer, "enable_thinking": enable_thinking, "system_prompt": system_prompt,
         "instruction": fmt.instruction, "seed": seed,
     }
     typer.echo(format_results(results))
     if out is not None:
         typer.echo(f"wrote {write_json(out, results)}")
+    if save_samples is not None:
+        typer.echo(f"wrote {write_samples(save_samples, samples)} ({len(samples)} samples)")
 
 
 def lens_command(
-    model: str = typer.Argument(..., help="Base model: Hub id, local folder or builtin:tiny."),
+    model: str = typer.Argument(None, help="Base model: Hub id, local folder or builtin:tiny.",
+                                show_default=False),
+    model_flag: str = typer.Option(None, "--model", help="The base model, mlx-lm style."),
     adapter: list[str] = typer.Option(
-        [], "--adapter", help="Adapter folder, or 'none' for the base model; repeat to compare."),
+        [], "--adapter", "--adapter-path",
+        help="Adapter folder, or 'none' for the base model; repeat to compare."),
     label: list[str] = typer.Option([], "--label", help="Column name per --adapter."),
     prompt: str = typer.Option(None, "--prompt", help="A question; the model completes it greedily."),
     completions: Path = typer.Option(
-        None, "--completions", help="jsonl rows {\"prompt\": question, \"completion\": text}."),
+        None, "--completions", help="jsonl rows {\"prompt\": question, \"completion\": text}: "
+        "a run's completions.jsonl or an `eval --save-samples` file."),
     max_tokens: int = typer.Option(64, "--max-tokens", help="Greedy completion length (--prompt)."),
     enable_thinking: bool = typer.Option(False, "--enable-thinking"),
     system_prompt: str = typer.Option(None, "--system-prompt"),
     instruction: str = typer.Option(
         None, "--instruction", help="Text after each question (default: the math instruction; "
         "'none' for none)."),
-    start: int = typer.Option(0, "--start", help="First response position in the terminal table."),
-    columns: int = typer.Option(10, "--columns", help="Positions in the terminal table."),
-    out_png: Path = typer.Option(None, "--out-png", help="Heatmap PNG (one per --label)."),
+    index: int = typer.Option(0, "--index", help="Sequence shown in the table and the PNG "
+                              "(0 = the first row of --completions)."),
+    start: int = typer.Option(0, "--start", help="First response position shown."),
+    columns: int = typer.Option(
+        None, "--columns", help="Positions shown (default: 10 in the table, 96 in the PNG)."),
+    out_png: Path = typer.Option(
+        None, "--out-png", help="Heatmap PNG, one panel per --adapter on a shared colour scale."),
     heatmap: str = typer.Option("final_prob", "--heatmap", help="final_prob | agree"),
     json_out: Path = typer.Option(None, "--json", help="Write the per-layer statistics as JSON."),
 ):
     """Logit lens of every block: top token per layer and agreement with the final layer.
 
-    First sequence: a table (rows = blocks, columns = positions, * = same as the last block).
+    Sequence --index: a table (rows = blocks, columns = positions, * = same as the last block).
+
+    --out-png: a heatmap of it, one panel per --adapter.
 
     All sequences: per-block agreement rate and mean lens entropy, one column pair per --adapter.
 
@@ -152,6 +218,7 @@ def lens_command(
     )
     from mlx_oisd.loading import ModelLoadError
 
+    model = positional_or_flag(model, model_flag, "--model", "MODEL")
     if (prompt is None) == (completions is None):
         _fail(ValueError("give exactly one of --prompt TEXT or --completions FILE.jsonl"))
     adapters = [None if a.lower() == "none" else a for a in adapter] or [None]
@@ -166,16 +233,19 @@ def lens_command(
         else:
             rows = read_completions(completions)
             prompts, texts = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+        if not 0 <= index < len(prompts):
+            raise ValueError(f"--index {index}: expected 0..{len(prompts) - 1} "
+                             f"({len(prompts)} sequence{'s' if len(prompts) != 1 else ''})")
         runs, tokenizer = compare_lens(model, adapters, labels, prompts, texts,
                                        max_tokens=max_tokens,
                                        fmt=prompt_format(system_prompt, instruction,
                                                          enable_thinking))
         for run in runs:
-            typer.echo(format_lens_table(run, tokenizer, start=start, columns=columns) + "\n")
-            if out_png is not None:
-                path = out_png if len(runs) == 1 else out_png.with_name(
-                    f"{out_png.stem}-{run.label}{out_png.suffix}")
-                typer.echo(f"wrote {plot_lens_heatmap(run, tokenizer, path, value=heatmap)}")
+            typer.echo(format_lens_table(run, tokenizer, index=index, start=start,
+                                         columns=columns or 10) + "\n")
+        if out_png is not None:
+            png = plot_lens_heatmap(runs, tokenizer, out_png, index, heatmap, start, columns or 96)
+            typer.echo(f"wrote {png}")
     except (DataError, ModelLoadError, ValueError) as e:
         _fail(e)
     typer.echo(format_stats_table(runs))

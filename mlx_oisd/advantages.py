@@ -93,3 +93,26 @@ def group_advantages(rewards, group_size: int, estimator: str = "grpo") -> np.nd
     if estimator == "reinforce_pp":
         adv = adv / (adv.std(ddof=1) + STD_EPS)
     return adv.astype(np.float32)
+
+
+def overlong_penalty(lengths, max_len: int, buffer_len: int, penalty: float = 1.0) -> np.ndarray:
+    """DAPO's soft overlong punishment, added to the rewards before the advantages:
+
+        r_i += -penalty * clip((len_i - (max_len - buffer_len)) / buffer_len, 0, 1)
+
+    0 up to max_len - buffer_len tokens, then linearly down to -penalty at max_len (a truncated
+    completion has max_len tokens), as verl's `overlong_buffer` (DAPO, arXiv 2503.14476, eq. 13).
+
+    Args:
+        lengths: [N] completion lengths in tokens (the sampled EOS included).
+        max_len: max_completion_length.
+        buffer_len: the buffer's length L_cache (0: no shaping, all zeros).
+        penalty: the reward subtracted at max_len.
+    Returns:
+        float32 [N], <= 0.
+    """
+    n = np.asarray(lengths, dtype=np.float64)
+    if buffer_len <= 0:
+        return np.zeros(n.shape, dtype=np.float32)
+    over = np.clip((n - (max_len - buffer_len)) / buffer_len, 0.0, 1.0)
+    return (-penalty * over).astype(np.float32)

@@ -11,8 +11,9 @@ Writing: the tensors are checked finite first (a non-finite one is refused with 
 nothing is written); the files go into a hidden `.tmp-step_N` folder, `manifest.json` LAST,
 then the folder is renamed into place and `latest` replaced, so a kill or a full disk at any
 moment leaves the previous checkpoints intact (a failed save removes its temp folder). Pruning
-keeps the one just written plus the `KEEP` newest others that look complete (manifest present,
-file sizes match); it never counts, so never keeps, a half-written one in their place.
+keeps `keep` checkpoints (config `save_total_limit`, default `KEEP`; None: all): the one just
+written plus the newest others that look complete (manifest present, file sizes match); it never
+counts, so never keeps, a half-written one in their place.
 
 Resuming (`open_checkpoints`): temp folders and temp files of an interrupted save are removed,
 then the `step_*` folders are tried newest first. One is used when its manifest lists every
@@ -45,7 +46,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .io import DiskFullError, atomic_write, temp_files, write_json, write_text
 from .lora import save_adapters
 
-KEEP = 2  # checkpoints kept besides the newest
+KEEP = 3  # checkpoints kept, the one just written included (save_total_limit's default)
 MANIFEST = "manifest.json"
 REQUIRED = ("adapters.safetensors", "adapter_config.json", "optimizer.safetensors", "state.json")
 TENSOR_FILES = ("adapters.safetensors", "optimizer.safetensors")
@@ -93,8 +94,10 @@ def nonfinite(tensors: dict[str, mx.array]) -> list[str]:
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, state: dict,
-                    config_yaml: str, num_layers: int, lora_params: dict | None) -> Path:
-    """Write `checkpoints/step_N` (verified layout above), `latest`, `adapters/`; prune."""
+                    config_yaml: str, num_layers: int, lora_params: dict | None,
+                    keep: int | None = KEEP) -> Path:
+    """Write `checkpoints/step_N` (verified layout above), `latest`, `adapters/`; prune to
+    `keep` checkpoints (None: keep all)."""
     root = Path(out_dir) / "checkpoints"
     name = f"step_{step:06d}"
     weights = dict(tree_flatten(model.trainable_parameters()))
@@ -135,7 +138,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, state
         os.replace(tmp, final)
     write_text(root / "latest", name + "\n")
     save_adapters(model, Path(out_dir) / "adapters", num_layers, lora_params)
-    prune(out_dir, name)
+    prune(out_dir, name, keep)
     return final
 
 
@@ -153,13 +156,15 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def prune(out_dir: Path, newest: str, keep: int = KEEP) -> None:
-    """Keep `newest` and the `keep` newest other folders that look complete; remove the rest."""
-    kept = 0
+def prune(out_dir: Path, newest: str, keep: int | None = KEEP) -> None:
+    """Keep `keep` checkpoints: `newest` and the `keep - 1` newest other folders that look
+    complete; remove the rest. keep None: every complete one stays."""
+    limit = float("inf") if keep is None else keep
+    kept = 1
     for folder in step_folders(out_dir):
         if folder.name == newest:
             continue
-        if kept < keep and not quick_problems(folder):
+        if kept < limit and not quick_problems(folder):
             kept += 1
             continue
         shutil.rmtree(folder, ignore_errors=True)

@@ -31,6 +31,7 @@ from .data.sources import DataError, Example, load_examples
 from .lens import lens_generate
 from .rewards import MathChecker, score_batch
 from .rollout import sample
+from .samples import eval_rows
 
 
 class Benchmark(NamedTuple):
@@ -107,24 +108,28 @@ def sample_correct(model, tokenizer, examples, n: int, max_tokens: int, temperat
                    top_p: float = 1.0, fmt: PromptFormat = PromptFormat(),
                    checker: MathChecker | None = None,
                    prompts_per_chunk: int = 64, sampler: Callable | None = None,
-                   max_prompt_length: int | None = None):
+                   max_prompt_length: int | None = None, top_k: int = 0, min_p: float = 0.0):
     """Sample n completions per example and score them (prompts longer than
-    `max_prompt_length` tokens keep their last ones, as training's `truncate_prompts`).
+    `max_prompt_length` tokens keep their last ones, as training's `truncate_prompts`;
+    top_k / min_p as in `rollout.sample`, passed on only when set).
 
     Returns correct [P, n] float32 (row i: the n samples of example i) and info {"tokens": total
     completion tokens, "truncated": completions cut by max_tokens, "failed": reward errors and
-    timeouts}. `sampler` (default `rollout.sample`, same signature) is a test hook.
+    timeouts, "samples": a row per completion (`samples.eval_rows`: prompt, completion, answer,
+    correct, ...)}. `sampler` (default `rollout.sample`, same signature) is a test hook.
     """
     sampler = sampler or sample
-    rows, info = [], {"tokens": 0, "truncated": 0, "failed": 0}
+    filters = {k: v for k, v in (("top_k", top_k), ("min_p", min_p)) if v}
+    rows, info = [], {"tokens": 0, "truncated": 0, "failed": 0, "samples": []}
     for start in range(0, len(examples), prompts_per_chunk):
         chunk = examples[start:start + prompts_per_chunk]
         prompts = [fmt.render(tokenizer, ex.prompt)[-(max_prompt_length or 0):] for ex in chunk]
         rollout = sampler(model, prompts, n, max_tokens, tokenizer.eos_token_ids, temperature,
-                          top_p)
+                          top_p, **filters)
         texts = [tokenizer.decode(c) for c in rollout.completions]
         correct, failed = _score(texts, [ex.answer for ex in chunk for _ in range(n)], checker)
         rows.append(correct.reshape(len(chunk), n))  # [B*n] -> [B, n]
+        info["samples"] += eval_rows(start, chunk, texts, correct, rollout)
         info["tokens"] += sum(len(c) for c in rollout.completions)
         info["truncated"] += sum(rollout.truncated)
         info["failed"] += failed
@@ -136,11 +141,12 @@ def avg_at_k(model, tokenizer, examples, k: int = 1, max_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, fmt: PromptFormat = PromptFormat(),
              checker: MathChecker | None = None,
              prompts_per_chunk: int = 64,
-             max_prompt_length: int | None = None) -> tuple[float, np.ndarray]:
+             max_prompt_length: int | None = None, top_k: int = 0,
+             min_p: float = 0.0) -> tuple[float, np.ndarray]:
     """Avg@k of `examples` (each with .prompt, .answer); returns (avg, per-problem accuracy [n])."""
     correct, _ = sample_correct(model, tokenizer, examples, k, max_tokens, temperature, top_p,
                                 fmt, checker, prompts_per_chunk,
-                                max_prompt_length=max_prompt_length)
+                                max_prompt_length=max_prompt_length, top_k=top_k, min_p=min_p)
     acc = correct.mean(axis=1) if len(correct) else np.zeros(0)
     return float(acc.mean()) if len(acc) else 0.0, acc
 
@@ -170,10 +176,14 @@ def evaluate_benchmarks(model, tokenizer, benchmarks: dict[str, list[Example]], 
                         temperature: float = 0.6, top_p: float = 0.95,
                         fmt: PromptFormat = PromptFormat(), checker: MathChecker | None = None, layer: int | None = None,
                         rows_per_chunk: int = 64, seed: int = 0,
-                        progress: Callable[[str], None] | None = None) -> dict:
+                        progress: Callable[[str], None] | None = None,
+                        samples: list | None = None, top_k: int = 0,
+                        min_p: float = 0.0) -> dict:
     """Avg@n, Pass@k (and lens@layer) of every benchmark, and their mean over benchmarks.
 
     benchmarks: name -> examples. rows_per_chunk: sequences decoding together (n per problem).
+    samples: a list that receives a row per sampled completion, {"benchmark": name, **row of
+    `samples.eval_rows`} (None: not kept).
     Returns {"benchmarks": {name: {"problems", "samples", "avg@n", "pass@k"..., "lens@l",
     "completion_tokens_mean", "truncated_frac", "reward_failures", "correct_counts": [P]}},
     "mean": {metric: macro mean over benchmarks}}.
@@ -187,12 +197,14 @@ def evaluate_benchmarks(model, tokenizer, benchmarks: dict[str, list[Example]], 
         t0 = time.perf_counter()
         mx.random.seed(seed)  # a benchmark's samples do not depend on which ran before it
         correct, info = sample_correct(model, tokenizer, examples, n, max_tokens, temperature,
-                                       top_p, fmt, checker, per_chunk)
+                                       top_p, fmt, checker, per_chunk, top_k=top_k, min_p=min_p)
         res = summarize(correct, ks)
         res["completion_tokens_mean"] = info["tokens"] / correct.size
         res["truncated_frac"] = info["truncated"] / correct.size
         res["reward_failures"] = info["failed"]
         res["correct_counts"] = correct.sum(axis=1).astype(int).tolist()
+        if samples is not None:
+            samples += [{"benchmark": name, **row} for row in info["samples"]]
         if layer is not None:
             lens_ok, lens_info = lens_correct(model, tokenizer, examples, layer, max_tokens,
                                               fmt, checker,
@@ -209,26 +221,48 @@ def evaluate_benchmarks(model, tokenizer, benchmarks: dict[str, list[Example]], 
 
 
 def format_results(results: dict) -> str:
-    """Plain-text table: rows = metrics (in %), columns = benchmarks (and their mean)."""
+    """Two plain-text tables, columns = benchmarks: the metrics in % (avg@n, pass@k, lens@l; and
+    their macro mean), then the counts (problems, samples, mean completion tokens, truncated %,
+    reward failures; and all benchmarks pooled)."""
     benches = results["benchmarks"]
-    columns = list(benches) + (["mean"] if len(benches) > 1 else [])
-    first = next(iter(benches.values()))
-    metrics = [k for k in first if "@" in k]
-    width = max(8, *(len(c) for c in columns))
+    names = list(benches)
+    many = len(names) > 1
+    metrics = [k for k in next(iter(benches.values())) if "@" in k]
+    width = max(8, *(len(c) for c in names)) + 2
 
-    def line(name: str, cells: list[str]) -> str:
-        return f"{name:<12}" + "".join(f"{c:>{width + 2}}" for c in cells)
+    def table(title: str, last: str, rows: list[tuple[str, list[str]]]) -> list[str]:
+        header = names + ([last] if many else [])
+        return [f"{title:<16}" + "".join(f"{c:>{width}}" for c in header)] + [
+            f"{name:<16}" + "".join(f"{c:>{width}}" for c in cells) for name, cells in rows]
 
-    def col(c: str) -> dict:
-        return results["mean"] if c == "mean" else benches[c]
+    def pct(value) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
 
-    lines = [line("metric (%)", columns),
-             line("problems", [str(benches[c]["problems"]) if c != "mean" else
-                               str(sum(b["problems"] for b in benches.values())) for c in columns])]
-    for m in metrics:
-        lines.append(line(m, [f"{100 * col(c)[m]:.1f}" if m in col(c) else "-" for c in columns]))
-    lines.append(line("tokens", [f"{benches[c]['completion_tokens_mean']:.0f}" if c != "mean"
-                                 else "" for c in columns]))
-    lines.append(line("truncated", [f"{100 * benches[c]['truncated_frac']:.1f}" if c != "mean"
-                                    else "" for c in columns]))
-    return "\n".join(lines)
+    percent = [(m, [pct(benches[c].get(m)) for c in names] + ([pct(results["mean"].get(m))]
+                                                               if many else []))
+               for m in metrics]
+    problems = [benches[c]["problems"] for c in names]
+    weights = np.array([b["problems"] * b["samples"] for b in benches.values()], dtype=float)
+
+    def pooled(key: str) -> float | None:
+        values = [b.get(key) for b in benches.values()]
+        if None in values:
+            return None
+        return float(np.dot(weights, values) / weights.sum())
+
+    def count_row(name: str, key: str, fmt, total) -> tuple[str, list[str]]:
+        cells = [fmt(benches[c][key]) if key in benches[c] else "-" for c in names]
+        return name, cells + ([fmt(total) if total is not None else "-"] if many else [])
+
+    samples = {b["samples"] for b in benches.values()}
+    counts = [
+        count_row("problems", "problems", str, sum(problems)),
+        count_row("samples", "samples", str, samples.pop() if len(samples) == 1 else None),
+        count_row("mean tokens", "completion_tokens_mean", lambda v: f"{v:.1f}",
+                  pooled("completion_tokens_mean")),
+        count_row("truncated (%)", "truncated_frac", pct, pooled("truncated_frac")),
+        count_row("reward failures", "reward_failures", str,
+                  sum(b.get("reward_failures", 0) for b in benches.values())),
+    ]
+    return "\n".join(table("metric (%)", "mean", percent) + [""]
+                     + table("counts", "all", counts))

@@ -6,141 +6,44 @@ B (r, out). PEFT computes `y = x W^T + (lora_alpha / r) * x A'^T B'^T` with `lor
 A' (r, in) and `lora_B.weight` B' (out, r). So A' = A^T, B' = B^T and `lora_alpha = scale * r`
 give the same weight delta `scale * B^T A^T`. Merging reuses mlx-lm's `fuse()` of each LoRA layer.
 
-Every folder gets a README.md model card with the base model, the format, the run's OISD settings
-(from the `config.yaml` next to the adapters) and its `eval.json` results when there are any.
+Everything an export reads is checked first (`export_inputs.py`: the adapter folder, its run and
+checkpoint step, the base, the adapters' shapes against the base's config.json, eval files), so
+a failed check writes nothing. A QLoRA run (`quantize` in its config.yaml) is fused into its
+base quantized as in training, then dequantized: the merged weights compute what was trained.
+Every folder gets a README.md model card (`model_card.py`) named after the run.
 """
 
 import json
-import re
 import shutil
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 import mlx.core as mx
-import yaml
 
-from .io import atomic_write, write_json, write_text
+from . import hub
+from .export_inputs import (
+    ADAPTER_FILES,
+    HUB_ID,
+    Adapter,
+    ExportError,
+    base_config,
+    check_fits_base,
+    qlora_settings,
+    read_adapter,
+    read_evals,
+    read_source,
+    resolve_base,
+    resolve_base_model,
+    warn,
+)
+from .io import DiskFullError, atomic_write, write_json, write_text
+from .model_card import CardFacts, model_card, quantize_note
 
 FORMATS = ("peft", "fused", "mlx")
-FINE_TUNE_TYPES = ("lora", "dora", "full")
-ADAPTER_FILES = ("adapter_config.json", "adapters.safetensors")
 # Copied next to the fused weights: what a Hugging Face or mlx-lm loader reads besides them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
-_LORA_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)\.lora_([ab])$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-class ExportError(ValueError):
-    """An adapter folder, base model or destination that cannot be exported; says why."""
-
-
-@dataclass
-class Adapter:
-    """A validated mlx-lm adapter folder. `modules[i]` = the module paths adapted in block i."""
-
-    path: Path
-    fine_tune_type: str
-    num_layers: int
-    lora_parameters: dict
-    weights: dict[str, mx.array]
-    modules: dict[int, list[str]]
-
-
-def read_adapter(folder: str | Path) -> Adapter:
-    """Read and check an mlx-lm adapter folder; every problem found is listed in one error."""
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        raise ExportError(f"adapter folder {str(path)!r} does not exist")
-    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
-    if missing:
-        raise ExportError(f"{path}: missing {', '.join(missing)}; expected an mlx-lm adapter folder "
-                          "(adapter_config.json + adapters.safetensors) as written by `oisd-mlx train`")
-    try:
-        config = json.loads((path / "adapter_config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path / 'adapter_config.json'}: not valid JSON ({e})") from e
-    fine_tune_type = config.get("fine_tune_type", "lora")  # mlx-lm's default
-    params = config.get("lora_parameters") or {}
-    problems = []
-    if fine_tune_type not in FINE_TUNE_TYPES:
-        problems.append(f"fine_tune_type: expected one of {', '.join(FINE_TUNE_TYPES)}, "
-                        f"got {fine_tune_type!r}")
-    if not isinstance(config.get("num_layers"), int):
-        problems.append(f"num_layers: expected an integer, got {config.get('num_layers')!r}")
-    if fine_tune_type in ("lora", "dora"):
-        for key in ("rank", "scale"):
-            if not isinstance(params.get(key), (int, float)) or isinstance(params.get(key), bool):
-                problems.append(f"lora_parameters.{key}: expected a number, got {params.get(key)!r}")
-    if problems:
-        raise ExportError(f"{path / 'adapter_config.json'}: " + "; ".join(problems))
-    weights = mx.load(str(path / "adapters.safetensors"))
-    if not weights:
-        raise ExportError(f"{path / 'adapters.safetensors'}: no tensors")
-    modules = {} if fine_tune_type == "full" else _lora_modules(path, weights, params["rank"])
-    return Adapter(path, fine_tune_type, config["num_layers"], params, weights, modules)
-
-
-def _lora_modules(path: Path, weights: dict, rank: int) -> dict[int, list[str]]:
-    """Block index -> adapted module paths; checks names, pairs and (in, r) / (r, out) shapes."""
-    pairs, errors = {}, []
-    for name, w in sorted(weights.items()):
-        m = _LORA_KEY.match(name)
-        if m is None:
-            if not name.endswith(".m"):  # DoRA's magnitude vector rides along
-                errors.append(f"  {name}: not a LoRA tensor (model.layers.N.<module>.lora_a|lora_b)")
-            continue
-        pairs.setdefault((int(m[1]), m[2]), {})[m[3]] = w
-    for (i, module), ab in sorted(pairs.items()):
-        name = f"model.layers.{i}.{module}"
-        if set(ab) != {"a", "b"}:
-            errors.append(f"  {name}: lora_{'b' if 'a' in ab else 'a'} is missing")
-        elif ab["a"].ndim != 2 or ab["b"].ndim != 2 or ab["a"].shape[1] != rank \
-                or ab["b"].shape[0] != rank:
-            errors.append(f"  {name}: lora_a {tuple(ab['a'].shape)} and lora_b "
-                          f"{tuple(ab['b'].shape)}, expected (in, {rank}) and ({rank}, out)")
-    if errors:
-        raise ExportError(f"{path / 'adapters.safetensors'} has unexpected tensors:\n"
-                          + "\n".join(errors))
-    modules = {}
-    for i, module in sorted(pairs):
-        modules.setdefault(i, []).append(module)
-    return modules
-
-
-def run_folder(adapter_dir: Path) -> Path | None:
-    """The folder holding the run's config.yaml: the adapter folder itself (a checkpoint) or the
-    run folder above `adapters/`; None when there is none."""
-    for folder in (adapter_dir, adapter_dir.parent):
-        if (folder / "config.yaml").is_file():
-            return folder
-    return None
-
-
-def read_run_config(adapter_dir: Path) -> dict | None:
-    run = run_folder(adapter_dir)
-    if run is None:
-        return None
-    try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-    except yaml.YAMLError as e:
-        raise ExportError(f"{run / 'config.yaml'}: invalid YAML ({e})") from e
-    if not isinstance(cfg, dict):
-        raise ExportError(f"{run / 'config.yaml'}: expected a mapping of config keys")
-    return cfg
-
-
-def resolve_base(adapter_dir: Path, base: str | None, run_config: dict | None) -> str:
-    """`--base`, else the `model` key of the run's config.yaml."""
-    if base:
-        return str(base)
-    if run_config is None:
-        raise ExportError(f"no base model for {adapter_dir}: pass --base MODEL (a Hub id or a local "
-                          "folder), or keep the run's config.yaml next to the adapters folder")
-    if not isinstance(run_config.get("model"), str):
-        raise ExportError(f"{run_folder(adapter_dir) / 'config.yaml'}: no 'model' key; pass --base MODEL")
-    return run_config["model"]
 
 
 def peft_tensors(adapter: Adapter) -> tuple[dict[str, mx.array], dict]:
@@ -218,27 +121,33 @@ def export_peft(adapter: Adapter, base: str, out: Path) -> Path:
     return out
 
 
-def fuse_model(base: str, adapter_dir: Path):
-    """The base with the adapters merged by mlx-lm's `fuse()`, every layer dequantized."""
+def fuse_model(base: str, adapter_dir: Path, quantize: dict | None = None):
+    """The base with the adapters merged by mlx-lm's `fuse()`, every layer dequantized. With
+    `quantize` ({"bits", "group_size"}: a QLoRA run) the base is first quantized as training
+    quantized it, so the merged weights are the trained model's (quantized base + adapters)."""
+    import mlx.nn as nn
     from mlx.utils import tree_unflatten
-    from mlx_lm.utils import dequantize_model
+    from mlx_lm.utils import dequantize_model, load_adapters
 
     from .loading import load_model
 
-    model, model_path = load_model(base, adapter_path=adapter_dir)
+    model, model_path = load_model(base)
+    if quantize:
+        nn.quantize(model, group_size=quantize["group_size"], bits=quantize["bits"])
+    model = load_adapters(model, str(adapter_dir))
     fused = [(n, m.fuse(dequantize=True)) for n, m in model.named_modules() if hasattr(m, "fuse")]
     if fused:
         model.update_modules(tree_unflatten(fused))
     return dequantize_model(model), model_path
 
 
-def export_fused(adapter: Adapter, base: str, out: Path) -> Path:
+def export_fused(adapter: Adapter, base: str, out: Path, quantize: dict | None = None) -> Path:
     """A Hugging Face model folder: config.json without quantization, HF-named safetensors
     (sharded like `save_pretrained` above 5 GB), the base's tokenizer files."""
     from mlx.utils import tree_flatten
     from mlx_lm.utils import make_shards
 
-    model, model_path = fuse_model(base, adapter.path)
+    model, model_path = fuse_model(base, adapter.path, quantize)
     weights = dict(tree_flatten(model.parameters()))
     shards = make_shards(weights)
     names = (["model.safetensors"] if len(shards) == 1 else
@@ -274,12 +183,15 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def export(adapter_dir: str | Path, fmt: str, out: str | Path, base: str | None = None,
-           push_to_hub_repo: str | None = None, api=None, overwrite: bool = False) -> Path:
+           push_to_hub_repo: str | None = None, api=None, overwrite: bool = False,
+           evals: tuple[str | Path, ...] | list = ()) -> Path:
     """Write `adapter_dir` as `fmt` (peft | fused | mlx) into `out` with a README.md model card,
     then upload `out` to `push_to_hub_repo` when given. Returns `out`.
 
-    `out` must be empty or new unless `overwrite`, and never a training run's `adapters/` or
-    anything inside its `checkpoints/` (see `check_destination`)."""
+    `evals`: `oisd-mlx eval --out` result files for the card's table (the run folder's
+    `eval.json` is added when present). Every check (destination, base, adapter shapes against
+    the base, eval files) runs before anything is written. `out` must be empty or new unless
+    `overwrite`, and never a training run's `adapters/` or anything inside its `checkpoints/`."""
     if fmt not in FORMATS:
         raise ExportError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     if push_to_hub_repo:
@@ -287,147 +199,110 @@ def export(adapter_dir: str | Path, fmt: str, out: str | Path, base: str | None 
     adapter = read_adapter(adapter_dir)
     out = Path(out).expanduser()
     check_destination(out, adapter.path, overwrite)
-    run_config = read_run_config(adapter.path)
-    base = resolve_base(adapter.path, base, run_config)
+    source = read_source(adapter.path)
+    ref = resolve_base_model(resolve_base(adapter.path, base, source))
+    config = base_config(ref)
+    if config is None:
+        warn(f"cannot check the adapters against {ref.name}: its config.json is neither in the "
+             "Hugging Face cache nor reachable on the Hub")
+    else:
+        check_fits_base(adapter, config, ref.name, "--base" if base else "the run's model")
+    results = read_evals(evals, source)
+    quantize = qlora_settings(source.config, config)
     if fmt == "peft":
-        export_peft(adapter, base, out)
+        export_peft(adapter, ref.name_or_path, out)
     elif fmt == "fused":
-        export_fused(adapter, base, out)
+        export_fused(adapter, ref.name, out, quantize)
     else:
         export_mlx(adapter, out)
-    run = run_folder(adapter.path)  # the run's eval.json, never an unrelated neighbour's
-    evals = _read_eval(run / "eval.json") if run is not None else None
-    write_text(out / "README.md", model_card(fmt, base, run_config, evals, push_to_hub_repo or str(out)))
+    if quantize:
+        print(f"note: {quantize_note(fmt, quantize)}", file=sys.stderr, flush=True)
+    facts = CardFacts(fmt, source.run_dir.name, ref.name, ref.hub_id, adapter.fine_tune_type,
+                      source.config, source.step, source.max_steps, results, push_to_hub_repo,
+                      quantize)
+    write_text(out / "README.md", model_card(facts))
     if push_to_hub_repo:
         push_to_hub(out, push_to_hub_repo, api=api)
     return out
 
 
-def _read_eval(path: Path):
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path}: not valid JSON ({e})") from e
+# ---- the Hub ----
+
+class PushError(ExportError):
+    """The export is written but the upload failed; `folder` is where it is."""
+
+    def __init__(self, message: str, folder: Path):
+        super().__init__(message)
+        self.folder = folder
+
+
+def hub_api():
+    """The Hub client (tests replace this function with one returning a fake)."""
+    from huggingface_hub import HfApi
+
+    return HfApi()
 
 
 def push_to_hub(folder: str | Path, repo: str, api=None) -> str:
-    """Create `repo` on the Hub if needed and upload `folder`; `api` defaults to `HfApi()`
-    (tests pass a fake). Returns the repo's URL."""
+    """Create `repo` on the Hub if needed and upload `folder`; `api` defaults to `hub_api()`.
+    Returns the repo's URL. A Hub or network failure is one PushError (`push_error_message`)."""
     _check_repo_id(repo)
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-    from huggingface_hub.errors import HfHubHTTPError
-
+    api = hub_api() if api is None else api
     try:
         url = api.create_repo(repo_id=repo, repo_type="model", exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
                           commit_message="Upload with oisd-mlx export")
-    except (HfHubHTTPError, OSError) as e:
-        raise ExportError(f"could not push {folder} to {repo!r} ({type(e).__name__}: {e}); "
-                          "log in with `hf auth login` or set HF_TOKEN") from e
+    except hub.network_errors() as e:
+        raise PushError(push_error_message(e, Path(folder), repo), Path(folder)) from None
     return str(url)
 
 
+def push_error_message(e: BaseException, folder: Path, repo: str) -> str:
+    """One line for a failed upload of `folder` to `repo`: offline, not allowed, or the Hub's
+    HTTP status and first line."""
+    later = f"the export is at {folder}; push it later with `hf upload {repo} {folder}`"
+    status = _http_status(e)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if status in (401, 403) or (status is None and hub.failure(e) == hub.AUTH):
+        return (f"the Hub refused the push to {repo!r} (HTTP {status}: not logged in, or the "
+                f"token may not write there): log in with `hf auth login` or set HF_TOKEN; {later}")
+    if status is not None:
+        return f"the Hub answered HTTP {status} to the push to {repo!r}: {first}; {later}"
+    if hub.failure(e) in (hub.OFFLINE, hub.UNREACHABLE):
+        return f"cannot reach the Hugging Face Hub (offline); {later}"
+    return f"the push to {repo!r} failed ({type(e).__name__}: {first}); {later}"
+
+
+def _http_status(e: BaseException | None) -> int | None:
+    """The HTTP status of `e` or of the error it was raised from (huggingface_hub wraps)."""
+    for _ in range(8):
+        if e is None:
+            return None
+        if status := getattr(getattr(e, "response", None), "status_code", None):
+            return status
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _check_repo_id(repo: str) -> None:
-    if not _HUB_ID.match(repo):
+    if not HUB_ID.match(repo):
         raise ExportError(f"--push-to-hub {repo!r}: expected a Hub repo id of the form 'owner/name'")
 
 
-# ---- the model card ----
+def publish_run(out_dir: str | Path, repo: str, api=None) -> str:
+    """After a finished run: export `out_dir/adapters` as PEFT (a full fine-tune: fused) into
+    `out_dir/export-peft` (`export-fused`), push it to `repo`, and return one line saying what
+    happened. Never raises for an export or push failure: the run is done, the export stays."""
+    from .loading import ModelLoadError
 
-_FORMAT_TEXT = {
-    "peft": ("peft", "A LoRA adapter in Hugging Face PEFT format"),
-    "fused": ("transformers", "The base model with the LoRA adapters merged in (Hugging Face "
-              "safetensors, unquantized)"),
-    "mlx": ("mlx", "A LoRA adapter in mlx-lm format"),
-}
-_USAGE = {
-    "peft": ("python", "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-             "base = AutoModelForCausalLM.from_pretrained(\"{base}\")\n"
-             "model = PeftModel.from_pretrained(base, \"{where}\")"),
-    "fused": ("python", "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-              "model = AutoModelForCausalLM.from_pretrained(\"{where}\")\n"
-              "tokenizer = AutoTokenizer.from_pretrained(\"{where}\")"),
-    "mlx": ("bash", "mlx_lm.generate --model {base} --adapter-path {where} --prompt \"2+2=?\""),
-}
-_CARD_KEYS = ("algorithm", "dataset", "learning_rate", "max_steps", "lora", "quantize", "oisd")
+    out_dir = Path(out_dir)
+    adapters = out_dir / "adapters"
+    try:
+        fmt = "fused" if read_adapter(adapters).fine_tune_type == "full" else "peft"
+        folder = export(adapters, fmt, out_dir / f"export-{fmt}", push_to_hub_repo=repo, api=api,
+                        overwrite=True)
+    except (ExportError, ModelLoadError, DiskFullError) as e:
+        return f"push_to_hub: {e}"
+    return f"push_to_hub: pushed {folder} to https://huggingface.co/{repo}"
 
 
-def model_card(fmt: str, base: str, run_config: dict | None, evals, where: str) -> str:
-    """README.md: Hub metadata, what the folder is, how to load it, the run's settings, evals."""
-    library, what = _FORMAT_TEXT[fmt]
-    meta = {"library_name": library, "tags": ["mlx-oisd", "oisd", "grpo", "qwen3", "lora"]}
-    if _HUB_ID.match(base) and not Path(base).exists():
-        meta["base_model"] = base
-    lang, usage = _USAGE[fmt]
-    lines = ["---", yaml.safe_dump(meta, sort_keys=True).strip(), "---", "",
-             f"# {Path(where).name}", "",
-             f"{what}, trained from `{base}` with mlx-oisd "
-             "(GRPO + On-Policy Internal Self-Distillation, arXiv 2605.29089, in MLX).", "",
-             f"- base model: `{base}`", f"- format: `{fmt}`", "", "## Use", "",
-             f"```{lang}", usage.format(base=base, where=where), "```", "", "## Training", ""]
-    if run_config is None:
-        lines.append("No run config.yaml was found next to the adapters.")
-    else:
-        lines += ["| setting | value |", "|---|---|"]
-        keys = list(_CARD_KEYS) + (["bupo"] if run_config.get("algorithm") == "bupo" else [])
-        for key in keys:
-            if key in run_config:
-                lines += [f"| `{k}` | `{_show(v)}` |" for k, v in _flatten(key, run_config[key])]
-    if evals is not None:
-        lines += ["", "## Evaluation", "", *_eval_table(evals)]
-    return "\n".join(lines) + "\n"
-
-
-def _flatten(prefix: str, value) -> list[tuple[str, object]]:
-    """("oisd", {"tau": 1.0, "x": None}) -> [("oisd.tau", 1.0)]: unset sub-keys are left out."""
-    if isinstance(value, dict):
-        return [kv for k, v in value.items() if v is not None for kv in _flatten(f"{prefix}.{k}", v)]
-    return [(prefix, value)]
-
-
-def _show(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def _eval_table(evals) -> list[str]:
-    """eval.json as a table: `oisd-mlx eval --out`'s {"benchmarks", "mean", "settings"}, or
-    {bench: {metric: v}}, [{...row...}], {metric: v}; anything else as JSON."""
-    if isinstance(evals, dict) and isinstance(evals.get("benchmarks"), dict):
-        benches = dict(evals["benchmarks"])
-        if len(benches) > 1 and isinstance(evals.get("mean"), dict):
-            benches["mean"] = evals["mean"]
-        rows = [{"benchmark": name, **{k: v for k, v in m.items() if k == "problems" or "@" in k}}
-                for name, m in benches.items()]
-        settings = evals.get("settings") or {}
-        shown = {k: settings[k] for k in ("k", "temperature", "top_p", "max_tokens") if k in settings}
-        note = ", ".join(f"{k} = {v}" for k, v in shown.items())
-        return _table(rows) + (["", f"Sampling: {note}."] if note else [])
-    if isinstance(evals, dict) and evals and all(isinstance(v, dict) for v in evals.values()):
-        rows = [{"benchmark": k, **{c: x for c, x in _flatten_row(v)}} for k, v in evals.items()]
-    elif isinstance(evals, list) and all(isinstance(r, dict) for r in evals):
-        rows = [dict(_flatten_row(r)) for r in evals]
-    elif isinstance(evals, dict):
-        rows = [{"metric": k, "value": v} for k, v in evals.items()]
-    else:
-        return [f"```json\n{json.dumps(evals, indent=2)}\n```"]
-    return _table(rows)
-
-
-def _table(rows: list[dict]) -> list[str]:
-    columns = list(dict.fromkeys(c for r in rows for c in r))
-    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    table += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return table
-
-
-def _flatten_row(row: dict) -> list[tuple[str, object]]:
-    return [kv for k, v in row.items() for kv in _flatten(k, v)]
-
-
-def _cell(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else _show(v) if isinstance(v, list) else str(v)

@@ -171,7 +171,9 @@ class LensRun:
 
 
 def read_completions(path: str | Path) -> list[dict]:
-    """Rows {"prompt": question text, "completion": text} of a jsonl file; DataError names the row."""
+    """Rows {"prompt": question text, "completion": text, ...} of a jsonl file, such as a run's
+    completions.jsonl or the file of `oisd-mlx eval --save-samples` (`samples.py`); other fields
+    are kept. DataError names the row."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"completions file {str(path)!r} does not exist")
@@ -273,34 +275,92 @@ def format_stats_table(runs: list[LensRun]) -> str:
     return "\n".join(lines)
 
 
-def plot_lens_heatmap(run: LensRun, tokenizer, out: str | Path, index: int = 0,
-                      value: str = "final_prob", max_positions: int = 96) -> Path:
-    """PNG heatmap of sequence `index`: blocks (rows, 1 at the bottom) x response positions,
-    coloured by `value` ("final_prob": lens probability of the final layer's token, or "agree")."""
-    import matplotlib
+HEATMAP_LABELS = {"final_prob": "P(final token)", "agree": "agrees with final layer"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    if value not in ("final_prob", "agree"):
-        raise ValueError(f"heatmap value {value!r}: expected 'final_prob' or 'agree'")
+def lens_window(run: LensRun, index: int, start: int, columns: int) -> tuple[np.ndarray, int]:
+    """Positions ([n] ints, n <= columns) of response positions start .. start+columns-1 of
+    sequence `index`, and the number of response positions it has. ValueError names the bad
+    index or start."""
+    n = len(run.sequences)
+    if isinstance(index, bool) or not 0 <= index < n:
+        raise ValueError(f"sequence index {index} out of range: {run.label} has {n} sequence"
+                         f"{'s' if n != 1 else ''} (--index 0..{n - 1})")
     prompt, completion = run.sequences[index]
-    keep = np.flatnonzero(response_positions(len(prompt), len(completion)))[:max_positions]
-    grid = run.tables[index][value][:, keep].astype(np.float32)  # (L, positions)
-    L = grid.shape[0]
-    fig, ax = plt.subplots(figsize=(min(24, 2 + 0.3 * max(len(keep), 8)), min(12, 1.5 + 0.25 * L)))
-    im = ax.imshow(grid, origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis",
-                   extent=(-0.5, len(keep) - 0.5, 0.5, L + 0.5))
+    response = np.flatnonzero(response_positions(len(prompt), len(completion)))
+    if start < 0 or columns < 1 or start >= len(response):
+        raise ValueError(f"--start {start} --columns {columns}: sequence {index} of {run.label} "
+                         f"has response positions 0..{len(response) - 1}")
+    return response[start:start + columns], len(response)
+
+
+def build_lens_figure(runs: LensRun | list[LensRun], tokenizer, index: int = 0,
+                      value: str = "final_prob", start: int = 0, columns: int = 96):
+    """A matplotlib Figure: one heatmap panel per run, one above the other so a position's column
+    lines up across runs, blocks as rows (1 at the bottom) x response positions `start` ..
+    `start+columns-1` of sequence `index`, labelled by the token that followed (once, under the
+    last panel, when every run read the same tokens). One colour bar (0..1) serves every panel.
+    The size grows with positions and blocks so labels stay 9 pt; a panel whose sequence has more
+    positions than shown says so in its title."""
+    from matplotlib.figure import Figure
+
+    if value not in HEATMAP_LABELS:
+        raise ValueError(f"heatmap value {value!r}: expected 'final_prob' or 'agree'")
+    runs = [runs] if isinstance(runs, LensRun) else list(runs)
+    windows = [lens_window(run, index, start, columns) for run in runs]
+    same = all(run.sequences[index] == runs[0].sequences[index] for run in runs)
+    L = runs[0].tables[index][value].shape[0]
+    n = max(len(keep) for keep, _ in windows)
+    width = max(6.0, 2.6 + 0.2 * n)
+    # per panel: title and blocks at 0.24 in; 0.9 in for the rotated token labels
+    height = 0.4 + len(runs) * (0.6 + 0.24 * max(L, 4)) + 0.9 * (1 if same else len(runs))
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(len(runs), 1, squeeze=False, sharex=same)[:, 0]
+    for i, (ax, run, (keep, total)) in enumerate(zip(axes, runs, windows)):
+        im = _lens_panel(ax, run, tokenizer, index, value, keep, total, n)
+        if same and i < len(runs) - 1:
+            ax.tick_params(axis="x", labelbottom=False)
+    axes[-1].set_xlabel("next token of the sequence", fontsize=10)
+    bar = fig.colorbar(im, ax=list(axes), fraction=0.3 / width, pad=0.01,
+                       aspect=max(20.0, 3.0 * height))  # a 0.3-inch bar, nearly full height
+    bar.set_label(HEATMAP_LABELS[value], fontsize=10)
+    if value == "agree":
+        bar.set_ticks([0.25, 0.75], labels=["no", "yes"])
+    bar.ax.tick_params(labelsize=9)
+    fig.suptitle(f"Logit lens of every block: {HEATMAP_LABELS[value]}", fontsize=11)
+    return fig
+
+
+def _lens_panel(ax, run: LensRun, tokenizer, index: int, value: str, keep: np.ndarray,
+                total: int, n: int):
+    """One run's heatmap on `ax`: positions `keep` [k] of sequence `index`, x axis room for n."""
+    from matplotlib.colors import ListedColormap
+
+    prompt, completion = run.sequences[index]
     seq = prompt + completion
+    grid = run.tables[index][value][:, keep].astype(np.float32)  # (L, k)
+    L = grid.shape[0]
+    cmap = ListedColormap(["#d9d9d9", "#2b8cbe"]) if value == "agree" else "viridis"
+    im = ax.imshow(grid, origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap=cmap,
+                   extent=(-0.5, len(keep) - 0.5, 0.5, L + 0.5), interpolation="nearest")
+    ax.set_xlim(-0.5, n - 0.5)
     ax.set_xticks(range(len(keep)))
-    ax.set_xticklabels([_token_text(tokenizer, seq[t + 1], 8) for t in keep], rotation=90,
-                       fontsize=7)
-    ax.set_ylabel("block")
-    ax.set_xlabel("next token of the sequence")
-    ax.set_title(f"{run.label}: logit lens {'agreement' if value == 'agree' else 'p(final token)'}")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    ax.set_xticklabels([_token_text(tokenizer, seq[t + 1], 10) for t in keep], rotation=90,
+                       fontsize=9)
+    ax.set_yticks(range(1, L + 1, 1 if L <= 40 else 2))
+    ax.tick_params(axis="y", labelsize=9)
+    ax.set_ylabel("block", fontsize=10)
+    first = int(keep[0]) - (len(prompt) - 1)
+    shown = (f"positions {first}-{first + len(keep) - 1} of {total} shown; use --start/--columns"
+             if len(keep) < total else f"all {total} response positions")
+    ax.set_title(f"{run.label}: sequence {index}, {shown}", fontsize=10, loc="left")
+    return im
+
+
+def plot_lens_heatmap(runs: LensRun | list[LensRun], tokenizer, out: str | Path, index: int = 0,
+                      value: str = "final_prob", start: int = 0, columns: int = 96) -> Path:
+    """`build_lens_figure` saved as the PNG `out` (one panel per run)."""
+    fig = build_lens_figure(runs, tokenizer, index, value, start, columns)
     out = Path(out)
     atomic_write(out, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
     return out

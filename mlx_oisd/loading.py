@@ -68,17 +68,17 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
 
 
 def _download(repo_id: str) -> Path:
+    """The model's folder in the Hub cache, downloaded when missing. snapshot_download asks the
+    Hub once (`repo_info` does not retry) and falls back to the cache when it cannot."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from . import hub
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise ModelLoadError(
-            f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); check the id and the network, "
-            "or pass a local model folder"
-        ) from e
+    except hub.network_errors() as e:
+        raise ModelLoadError(f"{hub.describe(e, repo_id, 'model')}, or pass a local model folder"
+                             ) from e
 
 
 def check_safetensors(path: Path) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 WEIGHTINGS = ("advantage", "sign", "none")
@@ -57,10 +57,13 @@ def policy_loss(
     epsilon_high: float,
     ref_logp: mx.array | None = None,
     beta: float = 0.0,
+    level: str = "token",
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """Clipped GRPO surrogate plus the k3 KL to the reference, per response token.
 
-        ratio = exp(logp - stop_gradient(old_logp))
+        ratio = exp(logp - stop_gradient(old_logp))             level "token" (GRPO)
+        ratio = exp(mean_t(logp - stop_gradient(old_logp)))     level "sequence" (GSPO), one
+                                                                per sequence, on all its tokens
         L_pg  = -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A)
         k3    = exp(ref - logp) - (ref - logp) - 1,  ref = stop_gradient(ref_logp)
         loss  = (L_pg + beta * k3) * mask
@@ -74,6 +77,8 @@ def policy_loss(
         epsilon, epsilon_high: clip range [1 - epsilon, 1 + epsilon_high].
         ref_logp: [B, T] reference log-probs (detached here), needed when beta > 0.
         beta: weight of k3.
+        level: "token" or "sequence" (``importance_sampling_level``; GSPO's clip range is
+            ~1e-3 of GRPO's: the caller passes it as epsilon / epsilon_high).
     Returns:
         loss [B, T], zero where mask is 0; stats with sums over masked tokens:
         ``tokens``, ``ratio_sum``, ``clip_low`` (ratio < 1 - epsilon and A < 0),
@@ -84,6 +89,11 @@ def policy_loss(
     logp = logp.astype(mx.float32)
     # Masking inside the exp: padding garbage (e.g. -1e9) would make exp overflow and inf * 0 = NaN.
     log_ratio = mx.where(valid, logp - mx.stop_gradient(old_logp).astype(mx.float32), 0.0)
+    if level == "sequence":  # [B, 1] mean over the sequence's tokens, broadcast to them
+        n = mx.maximum(valid.sum(axis=1, keepdims=True), 1)
+        log_ratio = mx.broadcast_to(log_ratio.sum(axis=1, keepdims=True) / n, log_ratio.shape)
+    elif level != "token":
+        raise ValueError(f"importance_sampling_level {level!r}: expected token or sequence")
     ratio = mx.exp(log_ratio)  # [B, T]
     A = adv.astype(mx.float32)[:, None]  # [B, 1]
     clipped = mx.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
@@ -266,27 +276,33 @@ def token_logprobs_lens_js(
     temperature: float = 1.0,
     tau: float = 1.0,
     chunk_size: int = 512,
-) -> tuple[mx.array, mx.array, list[mx.array]]:
+    head_grad: bool = True,
+) -> tuple[mx.array, mx.array, list[mx.array], list[mx.array]]:
     """``token_logprobs_entropy`` of the final layer and, for each student stream, the lens JS
-    of ``lens_js_loss`` against it, from one chunked pass: the final layer's logits are read out
-    once and serve as the policy logits and (detached) as the teacher's.
+    of ``lens_js_loss`` against it and the top-1 agreement of the two lenses (a metric), from one
+    chunked pass: the final layer's logits are read out once and serve as the policy logits and
+    (detached) as the teacher's.
 
     Args: h [B, T, D] the final layer's lens input (W_U reads ``readout(params, h)``), targets
     [B, T], students: [B, T, D] lens inputs of the student blocks; the rest as
     ``token_logprobs`` / ``lens_js_loss``.
-    Returns: logp [B, T], entropy [B, T], [JS [B, T] per student], none masked.
+    Returns: logp [B, T], entropy [B, T], [JS [B, T] per student], [agreement [B, T] per
+    student: 1.0 where the student's top token is the final layer's, detached], none masked.
 
     With a frozen readout (``params`` empty, as under LoRA) the gradients are taken in the same
-    pass (``_map_rows_grad_ahead``): the backward pass recomputes nothing.
+    pass (``_map_rows_grad_ahead``): the backward pass recomputes nothing. ``head_grad=False``
+    reads the students through detached ``params``: their JS trains the streams, not the head.
     """
     out = _token_stats(h, targets, readout, params, temperature, chunk_size, True, students, tau,
-                       grad_ahead=not params)
-    return out[0], out[1], out[2:]
+                       grad_ahead=not params, head_grad=head_grad)
+    k = len(students)
+    return out[0], out[1], out[2:2 + k], out[2 + k:]
 
 
 def _token_stats(h, targets, readout, params, temperature, chunk_size, entropy, students=(),
-                 tau=1.0, grad_ahead=False):
-    """[logp, entropy?, JS per student], each [B, T], from one chunked pass."""
+                 tau=1.0, grad_ahead=False, head_grad=True):
+    """[logp, entropy?, JS per student, agreement per student], each [B, T], from one chunked
+    pass."""
     B, T, D = h.shape
 
     def chunk_stats(params, h_rows, target_rows, *student_rows):
@@ -301,7 +317,12 @@ def _token_stats(h, targets, readout, params, temperature, chunk_size, entropy, 
             teacher = (prob, logq) if tau == temperature else _softmax_and_log(z / tau)
             q, log_q = (mx.stop_gradient(t) for t in teacher)
             js = _js_function(float(tau))
-            columns += [js(readout(params, s).astype(mx.float32), q, log_q) for s in student_rows]
+            head = params if head_grad else tree_map(mx.stop_gradient, params)
+            student_logits = [readout(head, s).astype(mx.float32) for s in student_rows]
+            columns += [js(s, q, log_q) for s in student_logits]
+            top = mx.stop_gradient(mx.argmax(z, axis=-1))  # [n]
+            columns += [mx.stop_gradient(mx.argmax(s, axis=-1) == top).astype(mx.float32)
+                        for s in student_logits]
         return mx.stack(columns, axis=-1)  # [n, columns]
 
     flat = [h.reshape(B * T, D), targets.reshape(B * T)] + [s.reshape(B * T, D) for s in students]
@@ -309,7 +330,7 @@ def _token_stats(h, targets, readout, params, temperature, chunk_size, entropy, 
         first_js = 2 if entropy else 1
         columns = {0: 0, **{2 + s: first_js + s for s in range(len(students))}}
         rows = _map_rows_grad_ahead(partial(chunk_stats, params), tuple(flat),
-                                    first_js + len(students), columns, chunk_size)
+                                    first_js + 2 * len(students), columns, chunk_size)
     else:
         rows = _map_row_chunks(chunk_stats, params, tuple(flat), chunk_size)  # [B*T, columns]
     return [rows[:, i].reshape(B, T) for i in range(rows.shape[1])]

@@ -8,6 +8,8 @@ Nothing is loaded. The components, in bytes (b = bytes per element of the model'
 - optimizer: trainable parameters, their gradients and AdamW's two moments (mlx keeps the
   moments in the parameter's dtype: float32 for LoRA, b for full fine-tuning), plus one more
   gradient copy when micro-batches accumulate.
+- reference: full fine-tuning with `beta > 0` keeps a frozen copy of the starting weights for the
+  KL term (LoRA's reference is the same weights with the adapters switched off: nothing).
 - rollout: the KV cache of `rollout_batch_size` rows, `L * 2 * H_kv * Dh * b * (P + C)` per row
   (mlx-lm allocates the completion in steps of 256 positions), the caches of the prompts entering
   the batch, and a few float32 (rows, V) logits of a decode step.
@@ -18,7 +20,8 @@ Nothing is loaded. The components, in bytes (b = bytes per element of the model'
   `objective.chunk_rows` rows); with OISD attention alignment, float32 (N, H, C, P + C)
   probabilities for each student block and the final block, and the JS intermediates.
 
-The peak is weights + optimizer + max(rollout, update): rollouts and updates do not overlap.
+The peak is weights + reference + optimizer + max(rollout, update): rollouts and updates do not
+overlap.
 The budget is `memory_limit_gb` when set, else Metal's recommended working set, else the RAM.
 
 The activation and loss coefficients are counts of arrays, calibrated against
@@ -137,10 +140,11 @@ class MemoryPlan:
     minibatch_size: int  # rows per update micro-batch (the whole batch when not split)
     prompt_length: int
     completion_length: int
+    reference: int = 0  # frozen copy of the starting weights (full fine-tuning with beta > 0)
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + max(self.rollout, self.update)
+        return self.weights + self.reference + self.optimizer + max(self.rollout, self.update)
 
     @property
     def fits(self) -> bool:
@@ -149,7 +153,8 @@ class MemoryPlan:
     def to_json(self) -> dict:
         """Plain dict: one `<component>_gb` field per component, `total_gb`, `budget_gb`, ..."""
         gb = {k: round(getattr(self, k) / GB, 4)
-              for k in ("weights", "optimizer", "rollout", "update", "total", "budget")}
+              for k in ("weights", "reference", "optimizer", "rollout", "update", "total",
+                        "budget")}
         return {**{f"{k}_gb": v for k, v in gb.items()}, "fits": self.fits,
                 "budget_source": self.budget_source,
                 "rollout_batch_size": self.rollout_batch_size,
@@ -159,11 +164,15 @@ class MemoryPlan:
     def summary(self) -> str:
         """A few lines: the components in GB, the total against the budget, the chosen values."""
         rows = [("weights", self.weights), ("optimizer (trainable + grads + AdamW)", self.optimizer),
+                *([("reference (frozen starting weights, beta > 0)", self.reference)]
+                  if self.reference else []),
                 (f"rollout ({self.rollout_batch_size} rows decoding)", self.rollout),
                 (f"update ({self.minibatch_size} rows per micro-batch)", self.update)]
         lines = [f"  {name:<50} {b / GB:9.3f} GB" for name, b in rows]
         verdict = "fits" if self.fits else f"does NOT fit (over by {(self.total - self.budget) / GB:.2f} GB)"
-        lines.append(f"  {'peak = weights + optimizer + max(rollout, update)':<50} "
+        peak = "peak = weights + " + ("reference + " if self.reference else "") + \
+            "optimizer + max(rollout, update)"
+        lines.append(f"  {peak:<50} "
                      f"{self.total / GB:9.3f} GB")
         lines.append(f"  {'budget (' + self.budget_source + ')':<50} {self.budget / GB:9.3f} GB: "
                      f"{verdict}")
@@ -296,6 +305,8 @@ def plan(cfg: TrainConfig, model_config: dict, budget_bytes: int | None = None,
     N = cfg.batch_size * cfg.num_generations
     q = cfg.quantize
     weights = weight_bytes(shape, q and q.bits, q and q.group_size)
+    # LoRA's reference is the base with adapters off; full fine-tuning keeps a frozen copy
+    reference = weights if cfg.lora is None and cfg.beta > 0 else 0
 
     def update(rows):
         return update_bytes(shape, cfg, rows, P, C)
@@ -304,7 +315,7 @@ def plan(cfg: TrainConfig, model_config: dict, budget_bytes: int | None = None,
         return rollout_bytes(shape, rows, cfg.num_generations, P, C)
 
     def fixed(rows):
-        return weights + optimizer_bytes(shape, cfg, accumulate=rows < N)
+        return weights + reference + optimizer_bytes(shape, cfg, accumulate=rows < N)
 
     if cfg.minibatch_size == "auto":
         mb = _largest(lambda m: fixed(m) + update(m) <= budget_bytes, N)
@@ -316,9 +327,10 @@ def plan(cfg: TrainConfig, model_config: dict, budget_bytes: int | None = None,
         rb = _largest(lambda r: base + rollout(r) <= budget_bytes, N)
     nothing = mb is None or rb is None  # an `auto` search found no value that fits
     rb, mb = min(rb or 1, N), min(mb or 1, N)
-    p = MemoryPlan(weights=weights, optimizer=fixed(mb) - weights, rollout=rollout(rb),
-                   update=update(mb), budget=budget_bytes, budget_source=budget_source or "given",
-                   rollout_batch_size=rb, minibatch_size=mb, prompt_length=P, completion_length=C)
+    p = MemoryPlan(weights=weights, optimizer=fixed(mb) - weights - reference,
+                   rollout=rollout(rb), update=update(mb), budget=budget_bytes,
+                   budget_source=budget_source or "given", rollout_batch_size=rb,
+                   minibatch_size=mb, prompt_length=P, completion_length=C, reference=reference)
     if nothing:
         raise ConfigError(too_big_message(p))
     return p

@@ -1,14 +1,12 @@
-"""The one narrow exit for metrics: a dict per step becomes a JSON line and a progress bar update."""
+"""The one narrow exit for metrics: a dict per step becomes a JSON line and a console update."""
 
 import json
 import math
+import time
 from pathlib import Path
 
-from tqdm import tqdm
-
+from .console import Console
 from .io import append_text, write_text
-
-BAR_KEYS = {"reward": "reward", "tokens_per_sec": "tok/s", "peak_memory_gb": "mem GB"}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -34,32 +32,36 @@ def run_summary(records: list[dict]) -> dict:
 
 
 class MetricsWriter:
-    """Appends one JSON object per step to `path` and shows a progress bar.
+    """Appends one JSON object per step to `path` and hands it to the console (`console.py`:
+    bar, progress lines, eval results). `write` is the one exit of every record: it stamps it
+    with `timestamp` (unix seconds) and `elapsed_s` (seconds since this writer opened, when the
+    run or resume starts training, model and data loaded) and returns what it wrote.
 
     On resume from step s, records after s (written after the checkpoint the run resumes from)
     are dropped first, so the file holds each step once; a fresh start (s = 0) starts a fresh
     file, as its step-0 evaluation is run again."""
 
-    def __init__(self, path: Path, total_steps: int, start_step: int = 0, show: bool = True):
+    def __init__(self, path: Path, total_steps: int, start_step: int = 0, show: bool = True,
+                 logging_steps: int | None = None, console: Console | None = None):
         self.path = Path(path)
+        self.started = time.time()
         if self.path.exists():
             kept = ([r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
                     if start_step > 0 else [])
             write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not show, unit="step",
-                        dynamic_ncols=True)
+        self.console = console or Console(total_steps, start_step, show, logging_steps)
 
-    def write(self, record: dict, advance: bool = True) -> None:
+    def write(self, record: dict, advance: bool = True) -> dict:
+        """Append `record` (non-finite floats become null); `advance`: it is a training step."""
+        now = time.time()
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                  for k, v in record.items()}
+                  for k, v in {**record, "timestamp": now, "elapsed_s": now - self.started}.items()}
         append_text(self.path, json.dumps(record) + "\n")
-        self.bar.set_postfix({label: f"{record[k]:.3g}" for k, label in BAR_KEYS.items()
-                              if isinstance(record.get(k), (int, float))})
-        if advance:
-            self.bar.update(1)
+        self.console.record(record, advance)
+        return record
 
     def print(self, text: str) -> None:
-        self.bar.write(text)
+        self.console.print(text)
 
     def close(self) -> None:
-        self.bar.close()
+        self.console.close()

@@ -43,9 +43,12 @@ class LossSpec:
     lambda_attn: float = 0.1
     tau: float = 1.0
     weighting: str = "advantage"
-    lens_norm: bool = True
-    epsilon: float = 0.2
+    lens_norm: bool = True  # OISD students' lens: final RMSNorm before W_U
+    head_grad: bool = True  # the logit-lens term trains the shared final norm / head
+    bupo_lens_norm: bool = False  # BuPO's internal policy: final RMSNorm before W_U
+    epsilon: float = 0.2  # the clip range of the importance ratio at `importance_sampling_level`
     epsilon_high: float = 0.28
+    importance_sampling_level: str = "token"  # token (GRPO) | sequence (GSPO)
     beta: float = 0.0
     loss_agg: str = "token_mean"
     max_len: int = 1024  # max_completion_length, for seq_mean_token_sum_norm
@@ -63,6 +66,11 @@ class LossSpec:
 
     def policy_layer(self, num_layers: int) -> int:
         return self.student_layers[0] if self.algorithm == "bupo" and self.bupo_active else num_layers
+
+    def policy_norm(self, num_layers: int) -> bool:
+        """Whether the acting policy's readout applies the final norm: always for the final
+        layer, `bupo_lens_norm` for BuPO's internal policy."""
+        return self.policy_layer(num_layers) == num_layers or self.bupo_lens_norm
 
 
 CHUNK_LOGITS = 2**20  # (rows, V) logits per chunk of the loss when chunk_size is None
@@ -106,8 +114,13 @@ def forward(model: nn.Module, batch: Batch, spec: LossSpec):
     return out.hidden, out.attention
 
 
-def _lens_input(model, h, norm: bool):
-    return model.model.norm(h) if norm else h
+def _lens_input(model, h, norm: bool, detach_norm: bool = False):
+    """The lens input of residual stream h: N_L(h) (with its weight detached if `detach_norm`)
+    or h itself."""
+    if not norm:
+        return h
+    n = model.model.norm
+    return mx.fast.rms_norm(h, mx.stop_gradient(n.weight), n.eps) if detach_norm else n(h)
 
 
 def policy_logprobs(model: nn.Module, batch: Batch, spec: LossSpec):
@@ -116,7 +129,7 @@ def policy_logprobs(model: nn.Module, batch: Batch, spec: LossSpec):
     hidden, _ = forward(model, batch, spec)
     layer = spec.policy_layer(model.args.num_hidden_layers)
     fn, params = readout(model)
-    h = _lens_input(model, hidden[layer], spec.lens_norm or layer == model.args.num_hidden_layers)
+    h = _lens_input(model, hidden[layer], spec.policy_norm(model.args.num_hidden_layers))
     return token_logprobs_entropy(h, batch.targets, fn, params, spec.temperature,
                                   chunk_rows(spec, model.args.vocab_size))
 
@@ -136,20 +149,22 @@ def objective_terms(model, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec
     hidden, attention = forward(model, batch, spec)
     fn, params = readout(model)
     layer = spec.policy_layer(L)
-    h_pol = _lens_input(model, hidden[layer], spec.lens_norm or layer == L)
+    h_pol = _lens_input(model, hidden[layer], spec.policy_norm(L))
     # The lens students share the policy's chunked readout: its logits are the (detached)
-    # teacher's. align_logit means algorithm oisd, whose policy is the final layer.
-    students = ([_lens_input(model, hidden[l], spec.lens_norm) for l in spec.student_layers]
-                if spec.align_logit else [])
-    logp, entropy, lens_js = token_logprobs_lens_js(h_pol, batch.targets, students, fn, params,
+    # teacher's. align_logit means algorithm oisd, whose policy is the final layer. With
+    # head_grad off the students read through a detached norm and head.
+    students = ([_lens_input(model, hidden[l], spec.lens_norm, not spec.head_grad)
+                 for l in spec.student_layers] if spec.align_logit else [])
+    logp, entropy, lens_js, agree = token_logprobs_lens_js(h_pol, batch.targets, students, fn, params,
                                                     spec.temperature, spec.tau,
-                                                    chunk_rows(spec, model.args.vocab_size))
+                                                    chunk_rows(spec, model.args.vocab_size),
+                                                    head_grad=spec.head_grad)
     first = {}
     if old_logp is None:
         old_logp = mx.stop_gradient(logp)
         first = {"logp": old_logp, "entropy_sum": mx.stop_gradient(entropy * mask).sum()}
     per_token, stats = policy_loss(logp, old_logp, adv, mask, spec.epsilon, spec.epsilon_high,
-                                   ref_logp, spec.beta)
+                                   ref_logp, spec.beta, spec.importance_sampling_level)
     stats.update(first)
 
     def agg(x):
@@ -159,10 +174,11 @@ def objective_terms(model, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec
     k = len(spec.student_layers)
     if spec.align_logit:
         terms["logit"] = stats["js_logit_sum"] = 0.0
-        for js in lens_js:
+        for l, js, same in zip(spec.student_layers, lens_js, agree):
             js = js * (mask > 0)
             terms["logit"] += agg(weighted_alignment(js, adv, spec.weighting)) / k
             stats["js_logit_sum"] += mx.stop_gradient(js).sum() / k
+            stats.update(lens_sums(f"l{l}", mx.stop_gradient(js), same, adv, mask))
     if spec.align_attn:
         terms["attn"] = stats["js_attn_sum"] = 0.0
         for l in spec.student_layers:
@@ -170,6 +186,21 @@ def objective_terms(model, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec
             terms["attn"] += agg(weighted_alignment(js, adv, spec.weighting)) / k
             stats["js_attn_sum"] += s["js_sum"] / k
     return terms, stats
+
+
+def lens_sums(layer: str, js, agree, adv, mask) -> dict:
+    """Unnormalised sums of the lens metrics of one student block: its JS and top-1 agreement
+    with the final layer over response tokens, overall and on rows with A > 0 / A < 0, and those
+    token counts. js, agree, mask [N, C]; adv [N]."""
+    valid = (mask > 0).astype(mx.float32)
+    pos = valid * (adv > 0)[:, None]
+    neg = valid * (adv < 0)[:, None]
+    out = {"tokens_pos": pos.sum(), "tokens_neg": neg.sum()}
+    for name, x in (("lens_js", js), ("lens_agree", agree)):
+        out[f"{name}_sum/{layer}"] = (x * valid).sum()
+        out[f"{name}_pos_sum/{layer}"] = (x * pos).sum()
+        out[f"{name}_neg_sum/{layer}"] = (x * neg).sum()
+    return out
 
 
 def objective(model, batch: Batch, adv, old_logp, ref_logp, spec: LossSpec, num_tokens, num_seqs):

@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import apply_top_p, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
 
 @dataclass
@@ -45,17 +45,31 @@ def prefill(model: nn.Module, prompt: list[int]):
     return cache
 
 
-def row_sampler(key: mx.array, temperature: float, top_p: float):
+def filter_logprobs(logprobs: mx.array, top_p: float = 1.0, min_p: float = 0.0,
+                    top_k: int = 0) -> mx.array:
+    """(R, V) log-probs with the tokens outside the sampling set at -inf, by mlx-lm's filters in
+    `make_sampler`'s order (top_p, then min_p, then top_k), each on the untempered log-probs.
+    top_p 1, min_p 0 and top_k 0 are off."""
+    if 0 < top_p < 1.0:
+        logprobs = apply_top_p(logprobs, top_p)
+    if min_p != 0.0:
+        logprobs = apply_min_p(logprobs, min_p)
+    if top_k > 0:
+        logprobs = apply_top_k(logprobs, top_k)
+    return logprobs
+
+
+def row_sampler(key: mx.array, temperature: float, top_p: float, min_p: float = 0.0,
+                top_k: int = 0):
     """A sampler for one row that draws from its own key stream (split at every call), so the
     row's tokens do not depend on which other rows share its decode batch. The chain is
-    mlx-lm's `make_sampler` for (temp, top_p) with an explicit key: mlx-lm's own sampler draws
-    from the global RNG over the whole batch."""
+    mlx-lm's `make_sampler` for (temp, top_p, min_p, top_k) with an explicit key: mlx-lm's own
+    sampler draws from the global RNG over the whole batch."""
     state = [key]
 
     def sampler(logprobs: mx.array) -> mx.array:  # (1, V) -> (1,)
         state[0], sub = mx.random.split(state[0])
-        if 0 < top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
+        logprobs = filter_logprobs(logprobs, top_p, min_p, top_k)
         return mx.random.categorical(logprobs * (1.0 / temperature), key=sub)
 
     return sampler
@@ -71,6 +85,8 @@ def sample(
     top_p: float = 1.0,
     batch_size: int | None = None,
     seed: int | None = None,
+    top_k: int = 0,
+    min_p: float = 0.0,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt, at most `batch_size` rows decoding at once
     (None: all B*G).
@@ -82,6 +98,8 @@ def sample(
     `batch_size` (up to float rounding of the logits in batches of other shapes). With
     seed None, one mlx-lm sampler draws from the global RNG for the whole batch: reproducible
     under `mx.random.seed`, but a different cap gives different samples. temperature 0: greedy.
+    top_p / min_p / top_k restrict each draw as mlx-lm's `make_sampler` does (0 and 1: off; a
+    top_k of at least the vocabulary is off too).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("rollout: empty prompt")
@@ -89,11 +107,14 @@ def sample(
     cap = n if batch_size is None else max(1, min(batch_size, n))
     greedy = temperature == 0
     keys = None if seed is None or greedy else mx.random.split(mx.random.key(seed), n)
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    if vocab is not None and top_k >= vocab:
+        top_k = 0  # mlx-lm's apply_top_k refuses k >= V; keeping every token is no filter
     gen = BatchGenerator(
         model,
         max_tokens=max_tokens,
         stop_tokens=[[t] for t in sorted(stop_ids)],
-        sampler=make_sampler(temp=temperature, top_p=top_p),
+        sampler=make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k),
         completion_batch_size=cap,
         prefill_batch_size=cap,
     )
@@ -112,7 +133,7 @@ def sample(
             mx.eval(fresh)  # one sync for the prompts entering now
             if rows:
                 samplers = None if keys is None else [
-                    row_sampler(keys[i], temperature, top_p) for i in rows]
+                    row_sampler(keys[i], temperature, top_p, min_p, top_k) for i in rows]
                 uids = gen.insert([[prompts[i // group_size][-1]] for i in rows], caches=caches,
                                   samplers=samplers)
                 row_of.update(zip(uids, rows))

@@ -8,6 +8,7 @@ tokenizer built with `tokenizers` and Qwen3's own chat template, so every loader
 """
 
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -165,14 +166,24 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec(), corpus=No
 def _build_tiny_arith(path: Path) -> Path:
     from .demo import build_tiny_arith
 
-    print(f"building builtin:tiny-arith into {path} (first use only: a short supervised warm-up)")
+    print(f"building builtin:tiny-arith into {path} (first use only: a short supervised warm-up)",
+          file=sys.stderr)
     return build_tiny_arith(path)
+
+
+def _build_study_arith(path: Path) -> Path:
+    from .study import build_study_arith
+
+    print(f"building builtin:study-arith into {path} (first use only: a supervised warm-up)",
+          file=sys.stderr)
+    return build_study_arith(path)
 
 
 # name -> builder(path): `builtin:NAME` models, built on first use and cached.
 BUILTIN_MODELS = {
     "tiny": lambda path: build_tiny_model(path, TinySpec()),
     "tiny-arith": _build_tiny_arith,
+    "study-arith": _build_study_arith,
 }
 
 

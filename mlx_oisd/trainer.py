@@ -10,6 +10,7 @@ Departures from the paper's setup: none in the objective. The RNG is re-seeded f
 so a resumed run samples what an uninterrupted one would have.
 """
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,27 +28,35 @@ from .config import (
     ConfigError,
     TrainConfig,
     config_diff,
+    hub_repo,
+    quantize_problem,
     run_changes,
     save_config,
     to_dict,
     validate,
 )
+from .console import banner_lines, model_summary
 from .data.prompts import PromptFormat, render_examples
 from .data.sampler import PromptSampler
 from .data.sources import load_examples
 from .evaluate import avg_at_k
-from .loading import load
-from .lora import adapters_disabled, apply_lora, lora_parameters
-from .memory import plan_run, set_memory_limits
+from .export import publish_run
+from .loading import load_model, tokenizer_for
+from .lora import apply_lora, lora_parameters
+from .memory import plan_run, read_model_config, set_memory_limits
 from .metrics import MetricsWriter
 from .objective import LossSpec, ObjectiveGrad, policy_logprobs
 from .plot import plot_metrics
 from .precision import make_adamw
-from .rewards import MathChecker, resolve_reward, score_batch
+from .reference import frozen_copy, reference_policy
+from .rewards import MathChecker, check_first_batch, resolve_reward, reward_record, score_batch
 from .rewards.math import DEFAULT_SCORE_FN, exit_if_reimported
 from .rollout import Batch, pack, sample
 from .runlock import RunLock
+from .samples import CompletionsLog, step_rows
+from .sft import init_from_adapter, read_init_adapter
 from .signals import StopSignals
+from .tracking import Tracker, check_installed
 
 
 @dataclass
@@ -57,7 +66,7 @@ class Run:
     tokenizer: object
     optimizer: optim.Optimizer
     examples: list
-    eval_examples: list  # held-out problems ([] when eval_split is None)
+    eval_examples: list  # held-out problems (`load_eval_examples`)
     sampler: PromptSampler
     workers: dict[str, MathChecker]  # reward name -> its time-limited worker process
     spec: LossSpec
@@ -68,6 +77,9 @@ class Run:
     notes: list = field(default_factory=list)  # lines for the console before step 1
     nonfinite_steps: int = 0  # steps whose update was skipped (non-finite), over the whole run
     lock: RunLock | None = None  # held until train() ends: one writer per output_dir
+    model_path: Path | None = None  # the folder the weights were read from
+    samples: list = field(default_factory=list)  # the latest step's logged completion rows
+    reference: nn.Module | None = None  # frozen starting weights (full fine-tuning, beta > 0)
 
 
 def loss_spec(cfg: TrainConfig) -> LossSpec:
@@ -75,17 +87,27 @@ def loss_spec(cfg: TrainConfig) -> LossSpec:
     return LossSpec(
         algorithm=cfg.algorithm, student_layers=tuple(o.student_layers),
         lambda_logit=o.lambda_logit, lambda_attn=o.lambda_attn, tau=o.tau,
-        weighting=o.weighting, lens_norm=o.lens_norm, epsilon=cfg.epsilon,
-        epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_agg=cfg.loss_agg,
+        weighting=o.weighting, lens_norm=o.lens_norm, head_grad=o.head_grad,
+        bupo_lens_norm=cfg.bupo.lens_norm, beta=cfg.beta, loss_agg=cfg.loss_agg,
+        importance_sampling_level=cfg.importance_sampling_level,
+        **({"epsilon": cfg.sequence_epsilon, "epsilon_high": cfg.sequence_epsilon_high}
+           if cfg.importance_sampling_level == "sequence"
+           else {"epsilon": cfg.epsilon, "epsilon_high": cfg.epsilon_high}),
         max_len=cfg.max_completion_length, temperature=cfg.temperature,
         chunk_size=cfg.loss_chunk_size,
     )
 
 
+def num_warmup_steps(cfg: TrainConfig) -> int:
+    """warmup_steps, or ceil(warmup_ratio x max_steps) (rounded to 1e-6 first, so 0.1 x 30 is 3,
+    not the 4 of its float product 3.0000000000000004)."""
+    return cfg.warmup_steps or math.ceil(round(cfg.warmup_ratio * cfg.max_steps, 6))
+
+
 def lr_schedule(cfg: TrainConfig):
     """Linear warmup from 0, then cosine / linear decay to 0 or constant, over optimizer updates."""
     total = cfg.max_steps * cfg.num_iterations
-    warm = cfg.warmup_steps * cfg.num_iterations
+    warm = num_warmup_steps(cfg) * cfg.num_iterations
     decay = {
         "cosine": lambda: optim.cosine_decay(cfg.learning_rate, max(total - warm, 1)),
         "linear": lambda: optim.linear_schedule(cfg.learning_rate, 0.0, max(total - warm, 1)),
@@ -94,6 +116,17 @@ def lr_schedule(cfg: TrainConfig):
     if warm == 0:
         return decay
     return optim.join_schedules([optim.linear_schedule(0.0, cfg.learning_rate, warm), decay], [warm])
+
+
+def load_eval_examples(cfg: TrainConfig) -> list:
+    """The held-out problems: `eval_split` of `dataset.eval_source` (a local file: all of it),
+    else of the training source; [] when neither is set. `validate` refuses eval_split on a
+    single-file source, whose only split is the training rows."""
+    d = cfg.dataset
+    if cfg.eval_split is None and d.eval_source is None:
+        return []
+    return load_examples(d.eval_source or d.source, cfg.eval_split or "test", d.config,
+                         d.prompt_field, d.answer_field, cfg.eval_samples)
 
 
 def setup(cfg: TrainConfig, resume: bool = False) -> Run:
@@ -117,10 +150,17 @@ def _setup(cfg: TrainConfig, resume: bool, out_dir: Path) -> Run:
             resolve_reward(r.name)
         except ValueError as e:
             raise ConfigError(f"rewards[{i}].name: {e}") from None
+    check_installed(cfg.report_to)
+    if cfg.quantize is not None and (problem := quantize_problem(
+            cfg.quantize, read_model_config(cfg.model), cfg.model)):  # before any weight loads
+        raise ConfigError(problem)
+    init = None if ckpt is not None or cfg.init_adapter is None else read_init_adapter(
+        cfg.init_adapter)  # a resumed run's weights come from its checkpoint
     set_memory_limits()
     cfg, memory_plan = plan_run(cfg)  # from config.json, before any weights load
     notes.append(memory_plan.summary())
-    model, tokenizer = load(cfg.model)
+    model, model_path = load_model(cfg.model)
+    tokenizer = tokenizer_for(model_path)
     model.model.grad_checkpoint = cfg.gradient_checkpointing
     L = model.args.num_hidden_layers
     if cfg.algorithm != "grpo" and any(not 1 <= l < L for l in cfg.oisd.student_layers):
@@ -139,13 +179,12 @@ def _setup(cfg: TrainConfig, resume: bool, out_dir: Path) -> Run:
         apply_lora(model, lora.num_layers, lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys))
     d = cfg.dataset
     examples = load_examples(d.source, d.split, d.config, d.prompt_field, d.answer_field, d.max_samples)
-    eval_examples = [] if cfg.eval_split is None else load_examples(
-        d.source, cfg.eval_split, d.config, d.prompt_field, d.answer_field, cfg.eval_samples)
+    eval_examples = load_eval_examples(cfg)
     fit = (cfg.max_prompt_length, cfg.truncate_prompts, PromptFormat.of(cfg))
     examples, prompts, note = render_examples(tokenizer, examples, *fit, f"{d.source} ({d.split})")
     if eval_examples:
-        eval_examples, _, eval_note = render_examples(tokenizer, eval_examples, *fit,
-                                                      f"{d.source} ({cfg.eval_split})")
+        eval_examples, _, eval_note = render_examples(
+            tokenizer, eval_examples, *fit, f"{d.eval_source or d.source} ({cfg.eval_split})")
         note = "\n".join(n for n in (note, eval_note) if n) or None
     run = Run(
         cfg=cfg, model=model, tokenizer=tokenizer,
@@ -153,7 +192,12 @@ def _setup(cfg: TrainConfig, resume: bool, out_dir: Path) -> Run:
         examples=examples, eval_examples=eval_examples, sampler=PromptSampler(len(examples), cfg.batch_size, cfg.seed),
         workers=reward_workers(cfg), spec=loss_spec(cfg), grad_fn=ObjectiveGrad(model, cfg.compile),
         out_dir=out_dir, prompts=prompts, notes=notes + ([note] if note else []),
+        model_path=model_path,
     )
+    if cfg.lora is None and cfg.beta > 0:  # before a checkpoint replaces the starting weights
+        run.reference = frozen_copy(model)
+    if init is not None:  # after the reference copy: the KL (beta > 0) is to the base model
+        run.notes.append(init_from_adapter(model, init, cfg.lora, L))
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, run.optimizer)
         run.sampler.load_state_dict(state["sampler"])
@@ -212,15 +256,24 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     last good checkpoint."""
     run = setup(cfg, resume)
     streak, saved = 0, run.start_step or None  # non-finite steps in a row; newest checkpoint
-    writer = None
+    writer = tracker = None
     try:
         writer = MetricsWriter(run.out_dir / "metrics.jsonl", cfg.max_steps, run.start_step,
-                               show_progress)
+                               show_progress, cfg.logging_steps)
+        completions = CompletionsLog(run.out_dir / "completions.jsonl", run.start_step)
+        tracker = Tracker.open(cfg.report_to, run.out_dir, to_dict(cfg), run.start_step,
+                               cfg.run_name, cfg.wandb_project)
+        shown = {}  # reward error message -> the step it was last printed
         with StopSignals() as signals:
+            for line in banner_lines(cfg, run.model_path, model_summary(run.model),
+                                     len(run.examples), len(run.eval_examples), run.start_step):
+                writer.print(line)
             for note in run.notes:
                 writer.print(note)
             if run.eval_examples and run.start_step == 0:
-                writer.write({"step": 0, "eval_accuracy": evaluate(run)}, advance=False)
+                record = {"step": 0, "eval_accuracy": evaluate(run)}
+                writer.write(record, advance=False)
+                tracker.log(record, 0)
             for step in range(run.start_step + 1, cfg.max_steps + 1):
                 record = train_step(run, step)
                 streak = streak + 1 if record["nonfinite"] else 0
@@ -228,7 +281,10 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
                                           (cfg.eval_every and step % cfg.eval_every == 0)):
                     record["eval_accuracy"] = evaluate(run)
                 writer.write(record)
-                for line in step_report(record, streak):
+                tracker.log(record, step)
+                completions.write(run.samples)
+                tracker.log_samples(run.samples, step)
+                for line in step_report(record, streak, shown):
                     writer.print(line)
                 if streak >= cfg.max_nonfinite_steps:
                     raise TrainingStopped(nonfinite_message(streak, step, saved), 1)
@@ -244,19 +300,36 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     finally:
         if writer is not None:
             writer.close()
+        if tracker is not None:
+            tracker.close()
         run.lock.release()
         for worker in run.workers.values():
             worker.close()
+    if (repo := hub_repo(cfg)) is not None:  # a finished run; a failed push does not fail it
+        print(publish_run(run.out_dir, repo), flush=True)
     return run
 
 
-def step_report(record: dict, streak: int) -> list[str]:
-    """Console lines for a step: rewards that failed or timed out (scored 0), a skipped update."""
-    step = record["step"]
-    failed = [f"{name}: {n} {kind}" for name, types in record.get("reward_error_types", {}).items()
-              for kind, n in types.items()]
-    failed += [f"{key.removeprefix('rewards/timeouts/')}: {n} timed out"
-               for key, n in record.items() if key.startswith("rewards/timeouts/") and n]
+REPEAT_ERROR_EVERY = 10  # steps before the same first-error message of a reward shows again
+
+
+def step_report(record: dict, streak: int, shown: dict | None = None) -> list[str]:
+    """Console lines for a step: rewards that failed (with their first error's message) or timed
+    out (scored 0), a skipped update. `shown` {(reward, message): step} is updated in place so
+    a message repeats at most once per REPEAT_ERROR_EVERY steps; counts show every step."""
+    step, shown = record["step"], {} if shown is None else shown
+    first = record.get("reward_first_error", {})
+    failed = []
+    for name, types in record.get("reward_error_types", {}).items():
+        key = (name, first.get(name))
+        if key[1] is not None and step - shown.get(key, -REPEAT_ERROR_EVERY) >= REPEAT_ERROR_EVERY:
+            shown[key] = step
+            failed.append(f"{name}: {sum(types.values())} errors, first {key[1]}")
+        else:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in types.items())
+            failed.append(f"{name}: {sum(types.values())} errors ({kinds})")
+    failed += [f"{key.removeprefix('reward_timeouts/')}: {n} timed out"
+               for key, n in record.items() if key.startswith("reward_timeouts/") and n]
     lines = [f"step {step}: rewards scored 0 ({'; '.join(failed)})"] if failed else []
     if record["nonfinite"]:
         lines.append(f"step {step}: non-finite loss or gradients, update skipped ({streak} in a "
@@ -281,7 +354,7 @@ def evaluate(run: Run) -> float:
                       cfg.max_completion_length, cfg.temperature, cfg.top_p,
                       PromptFormat.of(cfg), run.workers.get("math"),
                       prompts_per_chunk=max(1, cfg.rollout_batch_size // cfg.eval_k),  # the cap
-                      max_prompt_length=cfg.max_prompt_length)
+                      max_prompt_length=cfg.max_prompt_length, top_k=cfg.top_k, min_p=cfg.min_p)
     return acc
 
 
@@ -292,7 +365,8 @@ def save(run: Run, step: int) -> Path:
                            {"sampler": run.sampler.state_dict(),
                             "nonfinite_steps": run.nonfinite_steps},
                            yaml.safe_dump(to_dict(run.cfg), sort_keys=False),
-                           -1 if lora is None else lora.num_layers, params)
+                           -1 if lora is None else lora.num_layers, params,
+                           keep=run.cfg.save_total_limit)
     plot_metrics([run.out_dir / "metrics.jsonl"], run.out_dir / "curves.png")
     return path
 
@@ -308,14 +382,20 @@ def train_step(run: Run, step: int) -> dict:
     mx.random.seed(cfg.seed * 1_000_003 + step)
     model.eval()
     rollout = sample(model, prompts, G, cfg.max_completion_length, tok.eos_token_ids,
-                     cfg.temperature, cfg.top_p, batch_size=cfg.rollout_batch_size)
+                     cfg.temperature, cfg.top_p, batch_size=cfg.rollout_batch_size,
+                     top_k=cfg.top_k, min_p=cfg.min_p)
     t_rollout = time.perf_counter() - t0
 
     texts = [tok.decode(c) for c in rollout.completions]
     answers = [ex.answer for ex in examples for _ in range(G)]
     specs = [(r.name, r.weight) for r in cfg.rewards]
-    rewards, per_reward, reward_stats = score_batch(texts, answers, specs, run.workers)
+    questions = [ex.prompt for ex in examples for _ in range(G)]
+    rewards, per_reward, reward_stats = score_batch(texts, answers, specs, run.workers, questions)
+    if step == run.start_step + 1:  # a reward failing on every item is broken: stop here
+        check_first_batch(reward_stats, len(texts))
     adv = group_advantages(rewards, G, cfg.advantage)
+    run.samples = step_rows(step, examples, texts, rewards, per_reward, adv, rollout,
+                            cfg.log_completions)
     batch = pack(rollout, tok.pad_token_id if tok.pad_token_id is not None else 0, cfg.mask_truncated,
                  bucket=32 if cfg.compile else 1)
     if cfg.filter_zero_std_groups:
@@ -323,7 +403,8 @@ def train_step(run: Run, step: int) -> dict:
 
     t1 = time.perf_counter()
     spec = replace(run.spec, bupo_active=step <= cfg.bupo.internal_steps)
-    stats = update(model, run.optimizer, run.grad_fn, batch, mx.array(adv), spec, cfg) if len(adv) else {}
+    stats = (update(model, run.optimizer, run.grad_fn, batch, mx.array(adv), spec, cfg,
+                    run.reference) if len(adv) else {})
     nonfinite = stats.pop("nonfinite", False)
     run.nonfinite_steps += nonfinite
     t_train = time.perf_counter() - t1
@@ -335,8 +416,7 @@ def train_step(run: Run, step: int) -> dict:
         "reward": float(rewards.mean()),
         "reward_std": float(rewards.std()),
         **{f"reward/{k}": float(v.mean()) for k, v in per_reward.items()},
-        **{f"rewards/{k}": v for k, v in reward_stats.items() if k != "error_types"},
-        **({"reward_error_types": reward_stats["error_types"]} if reward_stats["error_types"] else {}),
+        **reward_record(reward_stats),
         "frac_zero_std_groups": float(zero_std_groups(rewards, G).mean()),
         "completion_len_mean": float(lengths.mean()),
         "completion_len_max": int(lengths.max()),
@@ -365,9 +445,9 @@ def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
 
 
 def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array, spec: LossSpec,
-           cfg: TrainConfig) -> dict:
-    """Ref log-probs (beta > 0), then `num_iterations` optimizer updates; returns per-token
-    metrics. The first iteration's own detached log-probs are the old ones (on-policy: ratio 1,
+           cfg: TrainConfig, reference: nn.Module | None = None) -> dict:
+    """Ref log-probs (beta > 0; `reference`: the frozen starting model of full fine-tuning, None
+    under LoRA), then `num_iterations` optimizer updates; returns per-token metrics. The first iteration's own detached log-probs are the old ones (on-policy: ratio 1,
     no extra forward pass); later iterations reuse them.
 
     Each micro-batch's gradient is evaluated before the next one starts, so the peak holds one
@@ -377,10 +457,10 @@ def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array
     advs = [adv[i:i + (size or len(adv))] for i in range(0, len(adv), size or len(adv))]
     old = [None] * len(micro)
     ref = [None] * len(micro)
-    if cfg.beta > 0:  # the final layer of the base model; no OISD internals to capture
-        ref_spec = replace(spec, algorithm="grpo")
-        with adapters_disabled(model):
-            ref = [policy_logprobs(model, mb, ref_spec)[0] for mb in micro]
+    if cfg.beta > 0:  # the starting policy at the acting layer (BuPO: its layer-l lens)
+        ref_spec = replace(spec, lambda_logit=0.0, lambda_attn=0.0)  # no internals captured
+        with reference_policy(model, reference) as ref_model:
+            ref = [policy_logprobs(ref_model, mb, ref_spec)[0] for mb in micro]
         mx.eval(ref)
     num_tokens = batch.response_mask.sum()
     num_seqs = batch.tokens.shape[0]
@@ -440,4 +520,11 @@ def summarize(totals: dict, entropy, num_tokens, iterations: int) -> dict:
     for key in ("js_logit", "js_attn"):
         if f"{key}_sum" in totals:
             out[key] = float(totals[f"{key}_sum"].item()) / tok
+    counts = {s: float(totals.get(f"tokens{s}", mx.array(0.0)).item()) for s in ("_pos", "_neg")}
+    for key, value in totals.items():  # lens_agree_pos_sum/l2 -> lens_agree_pos/l2
+        name, _, layer = key.partition("/")
+        if layer and name.startswith("lens_"):
+            name = name.removesuffix("_sum")
+            n = counts.get(name[-4:], tok)  # rows with A > 0 / A < 0, else every token
+            out[f"{name}/{layer}"] = float(value.item()) / n if n > 0 else float("nan")
     return out

@@ -48,7 +48,7 @@ DATASET = "builtin:arith?digits=1&terms=2&n=20&n_test=4"
 # phases a kill is aimed at; "any" is a moment uniform over the attempt's expected run time
 TARGETS = ["startup", "setup", "verify", "load", "restore", "workers", "eval", "rollout", "reward",
            "update", "step", "metrics", "checkpoint", "plot", "any"]
-NOISY_KEYS = ("_per_sec", "step_time", "peak_memory")  # metrics that depend on the clock
+NOISY_KEYS = ("_per_sec", "step_time", "peak_memory", "timestamp", "elapsed_s")  # clock-dependent
 
 
 def length_parity_reward(completion: str, answer: str) -> float:

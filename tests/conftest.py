@@ -53,3 +53,51 @@ def tiny_dir(make_tiny):
 def _isolated_cache(tmp_path, monkeypatch):
     """Built-in models go to a per-test cache, never the user's."""
     monkeypatch.setenv("MLX_OISD_CACHE", str(tmp_path / "cache"))
+
+
+def _http_lib():
+    """The HTTP library huggingface_hub speaks through (httpx2 or httpx, by its version)."""
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    base = next(c for c in HfHubHTTPError.__mro__ if c.__name__ == "HTTPError")
+    return importlib.import_module(base.__module__.split(".")[0])
+
+
+def hub_error(kind: str, url: str = "https://huggingface.co/api/x/o/r"):
+    """A Hub client error as huggingface_hub raises it: connect, 404, 401, gated (403)."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    http = _http_lib()
+    if kind == "connect":
+        return http.ConnectError("[Errno -2] Name or service not known")
+    status = {"404": 404, "401": 401, "gated": 403}[kind]
+    cls = GatedRepoError if kind == "gated" else RepositoryNotFoundError
+    return cls(f"{status} Client Error", response=http.Response(status, request=http.Request(
+        "GET", url)))
+
+
+@pytest.fixture
+def hub_down(monkeypatch, tmp_path):
+    """huggingface_hub with offline mode off, an empty Hub cache under tmp_path and every HfApi
+    request counted: `hub_down(error)` makes each request raise `error`; returns the calls."""
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    calls = []
+
+    def install(error):
+        def request(name):
+            def call(self, *args, **kwargs):
+                calls.append(name)
+                raise error
+            return call
+
+        for name in ("dataset_info", "repo_info", "model_info", "list_repo_files",
+                     "list_repo_tree"):
+            monkeypatch.setattr(HfApi, name, request(name))
+        return calls
+
+    return install

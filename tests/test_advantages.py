@@ -79,3 +79,14 @@ def test_bad_arguments_raise():
         group_advantages(REWARDS, 5)
     with pytest.raises(ValueError, match=">= 2"):
         group_advantages(REWARDS, 1)
+
+
+def test_overlong_penalty_by_hand():
+    """DAPO's soft punishment with max_len 10 and a buffer of 4: free up to 6 tokens, then
+    -penalty * (len - 6) / 4, reaching -penalty at 10 (a truncated completion)."""
+    from mlx_oisd.advantages import overlong_penalty
+
+    got = overlong_penalty([1, 6, 7, 8, 10], max_len=10, buffer_len=4, penalty=0.5)
+    np.testing.assert_allclose(got, [0.0, 0.0, -0.125, -0.25, -0.5])
+    assert got.dtype == np.float32
+    assert not overlong_penalty([10, 3], 10, 0).any()  # buffer 0: off

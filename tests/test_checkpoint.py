@@ -148,6 +148,25 @@ def test_pruning_keeps_the_newest_good_one(tmp_path):
     assert _temps(tmp_path) == []
 
 
+@pytest.mark.parametrize("limit", [1, 2, 5, None])
+def test_save_total_limit_keeps_exactly_that_many(tmp_path, limit):
+    """After 6 saves exactly `limit` folders remain (None: all 6), the newest ones, each
+    verifiable; a broken one never counts as kept."""
+    model, opt = _toy()
+    for step in range(1, 7):
+        save_checkpoint(tmp_path, step, model, opt, {"sampler": {"pos": step}}, "seed: 0\n", -1,
+                        None, keep=limit)
+    kept = [p.name for p in step_folders(tmp_path)]
+    assert kept == [f"step_{s:06d}" for s in range(6, 6 - (limit or 6), -1)]
+    for folder in step_folders(tmp_path):
+        read_checkpoint(folder)
+    if limit == 2:
+        (tmp_path / "checkpoints" / "step_000006" / "state.json").unlink()
+        save_checkpoint(tmp_path, 7, model, opt, {"sampler": {"pos": 7}}, "seed: 0\n", -1, None,
+                        keep=limit)
+        assert [p.name for p in step_folders(tmp_path)] == ["step_000007", "step_000005"]
+
+
 def test_legacy_checkpoints_without_manifest(tmp_path):
     """Written before manifests existed: accepted with a warning while their files parse and are
     finite; a truncated or non-finite one is skipped like any damaged checkpoint."""

@@ -437,3 +437,37 @@ def test_an_integer_or_auto_key(key):
     else:
         assert "expected an integer or auto for 'rollout_batch_size', got null" in error_of(
             f"{key}=null")
+
+
+def test_eval_split_of_a_single_file_source_is_refused():
+    """A local file is one split: eval_split would score the first training rows."""
+    local = {"model": "m", "dataset": {"source": "data/train.jsonl"}}
+    message = error_of("eval_split=test", raw=local)
+    assert ("'eval_split' ('test') would score training rows: dataset.source 'data/train.jsonl' "
+            "is one file, and a local file is one split; set dataset.eval_source: test.jsonl"
+            in message)
+    cfg = validate(apply_overrides(local, ["eval_split=test", "dataset.eval_source=test.jsonl"]))
+    assert cfg.dataset.eval_source == "test.jsonl" and cfg.eval_split == "test"
+    assert validate(apply_overrides(local, ["dataset.eval_source=t.parquet"])).eval_split is None
+    assert validate(apply_overrides(MINIMAL, ["eval_split=test"])).dataset.eval_source is None
+    builtin = {"model": "m", "dataset": {"source": "builtin:arith"}, "eval_split": "test"}
+    assert validate(builtin).eval_split == "test"  # built-in tasks have train and test splits
+    assert ("'eval_split' must choose a split of dataset.eval_source 'openai/gsm8k' "
+            "(e.g. eval_split: test), got null" in error_of("dataset.eval_source=openai/gsm8k",
+                                                            raw=local))
+    assert run_changes([("dataset.eval_source", None, "test.jsonl")]) == []
+
+
+def test_held_out_examples_come_from_eval_source(tmp_path):
+    from mlx_oisd.trainer import load_eval_examples
+
+    for name, n in (("train", 5), ("test", 3)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"question": f"{name} {i}?", "answer": i}) + "\n" for i in range(n)))
+    raw = {"model": "m", "dataset": {"source": str(tmp_path / "train.jsonl"),
+                                     "eval_source": str(tmp_path / "test.jsonl")}}
+    held_out = load_eval_examples(validate(raw))
+    assert [ex.prompt for ex in held_out] == ["test 0?", "test 1?", "test 2?"]
+    assert load_eval_examples(validate({**raw, "eval_samples": 2}))[-1].prompt == "test 1?"
+    del raw["dataset"]["eval_source"]
+    assert load_eval_examples(validate(raw)) == []

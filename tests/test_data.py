@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import hub_error
 
 from mlx_oisd.data import (
     MATH_INSTRUCTION,
@@ -155,6 +156,63 @@ def test_missing_parquet_column_lists_the_columns(tmp_path):
     assert "question, solution" in message and "dataset.answer_field" in message
 
 
+MATH500_ROW = {"problem": "What is $2+2$?", "solution": "So it is $\\boxed{4}$, not 5.",
+               "answer": "4", "subject": "Algebra"}
+
+
+def test_fields_given_as_none_are_detected_on_the_first_row(tmp_path):
+    """question/problem/prompt for the prompt; `answer` wins over `solution` (MATH-500 has both:
+    the final answer and the worked one), and a lone solution gives its boxed answer."""
+    math500 = write_jsonl(tmp_path / "math500.jsonl", [MATH500_ROW, {**MATH500_ROW, "answer": "5"}])
+    assert load_examples(str(math500), prompt_field=None, answer_field=None) == [
+        Example("What is $2+2$?", "4"), Example("What is $2+2$?", "5")]
+    worked = write_jsonl(tmp_path / "worked.jsonl", [{"prompt": "p", "solution": "\\boxed{7}"}])
+    assert load_examples(str(worked), prompt_field=None, answer_field=None) == [Example("p", "7")]
+    gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "q", "answer": "so\n#### 1,200"}])
+    assert load_examples(str(gsm8k), prompt_field=None, answer_field=None) == [Example("q", "1200")]
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"problem": ["p"], "solution": ["s \\boxed{3}"], "answer": ["3"]}),
+                   tmp_path / "m.parquet")
+    assert load_examples(str(tmp_path / "m.parquet"), prompt_field=None,
+                         answer_field=None) == [Example("p", "3")]
+
+
+def test_missing_field_errors_say_where_the_name_comes_from(tmp_path):
+    """The default names the config key (with a likely field); `field_hints` names another
+    origin, here a command-line flag, and `{prompt}` is the prompt field in use."""
+    path = write_jsonl(tmp_path / "math500.jsonl", [MATH500_ROW])
+    with pytest.raises(DataError) as err:
+        load_examples(str(path))
+    assert str(err.value) == (f"line 1 of {path} has no field 'question' (fields: problem, "
+                              "solution, answer, subject); set dataset.prompt_field: problem")
+    hints = ("pass --data m:{field}", "pass --data m:{prompt}:{field}")
+    with pytest.raises(DataError, match=r"no field 'final'.*; pass --data m:problem:answer$"):
+        load_examples(str(path), prompt_field="problem", answer_field="final", field_hints=hints)
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"text": "t", "label": "1"}])
+    with pytest.raises(DataError) as err:
+        load_examples(str(odd), prompt_field=None, answer_field=None, field_hints=hints)
+    assert str(err.value) == (f"line 1 of {odd} has none of the fields question, problem, "
+                              "prompt, query, input (fields: text, label); pass --data m:FIELD")
+    with pytest.raises(DataError, match=r"none of the fields answer, .*; pass --data m:text:FIELD"):
+        load_examples(str(odd), prompt_field="text", answer_field=None, field_hints=hints)
+
+
+def test_parse_source_spec(tmp_path):
+    from mlx_oisd.data.sources import parse_source_spec
+
+    assert parse_source_spec("a.jsonl:problem:answer") == ("a.jsonl", "problem", "answer")
+    assert parse_source_spec("a.jsonl::solution") == ("a.jsonl", None, "solution")
+    assert parse_source_spec("o/r:question") == ("o/r", "question", None)
+    spec = "builtin:arith?digits=1&terms=2"
+    assert parse_source_spec(spec) == (spec, None, None)
+    odd = tmp_path / "x:y.jsonl"  # an existing path is taken whole
+    odd.write_text("")
+    assert parse_source_spec(str(odd)) == (str(odd), None, None)
+    with pytest.raises(DataError, match="expected SOURCE\\[:PROMPT_FIELD"):
+        parse_source_spec("a.jsonl:p:a:x")
+
+
 def test_bad_json_line_names_the_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n" + '{"question": "q", "answer": \n')
@@ -208,6 +266,79 @@ def test_hub_dataset_offline_error_names_repo_and_suggests_local_file():
     message = str(err.value)
     assert "'mlx-oisd-tests/no-such-dataset'" in message
     assert "local .jsonl or .parquet file" in message
+
+
+def test_unreachable_hub_dataset_fails_after_one_request(hub_down):
+    calls = hub_down(hub_error("connect"))
+    with pytest.raises(DataError) as err:
+        load_examples("mlx-oisd-tests/gsm8k-copy", split="train")
+    assert calls == ["dataset_info"]  # not list_repo_files' six tries with backoff
+    assert str(err.value) == (
+        "the Hugging Face Hub cannot be reached (ConnectError: [Errno -2] Name or service not "
+        "known) and dataset 'mlx-oisd-tests/gsm8k-copy' is not in the local Hugging Face cache; "
+        "check the network (or proxy), or pass a local .jsonl or .parquet file as dataset.source")
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("404", "dataset 'o/r' does not exist on the Hugging Face Hub; check the id, or pass a local"),
+    ("401", "dataset 'o/r' does not exist on the Hugging Face Hub (or it is private: log in "
+            "with `hf auth login` or set HF_TOKEN); check the id"),
+    ("gated", "dataset 'o/r' is gated or private and this machine may not read it; accept its "
+              "terms on https://huggingface.co/datasets/o/r and log in with `hf auth login`"),
+])
+def test_hub_dataset_refusals_name_the_problem(hub_down, kind, message):
+    calls = hub_down(hub_error(kind))
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_examples("o/r")
+    assert calls == ["dataset_info"]
+
+
+def test_hub_dataset_listing_comes_from_the_one_info_request(hub_down, tmp_path, monkeypatch):
+    """Online: dataset_info's file list picks the split's files, fetched through the cache."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    calls = hub_down(AssertionError("no other request"))
+    local = write_jsonl(tmp_path / "test.jsonl", ROWS[:3])
+    files = ["README.md", "data/train-0.parquet", "data/test.jsonl"]
+    monkeypatch.setattr(HfApi, "dataset_info", lambda self, repo: calls.append("dataset_info") or
+                        SimpleNamespace(siblings=[SimpleNamespace(rfilename=f) for f in files]))
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, f, repo_type: fetched.append((repo, f, repo_type)) or local)
+    assert load_examples("o/r", split="test") == EXPECTED[:3]
+    assert calls == ["dataset_info"] and fetched == [("o/r", "data/test.jsonl", "dataset")]
+
+
+def _cache_dataset(cache: Path, repo: str, files: dict[str, list]) -> None:
+    """A dataset in the Hub cache layout (refs/main -> snapshots/<commit>/...)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"datasets--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    for name, rows in files.items():
+        path = root / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, rows)
+
+
+def test_hub_dataset_comes_from_the_cache_after_one_failed_request(hub_down, tmp_path,
+                                                                   monkeypatch):
+    _cache_dataset(tmp_path / "hub", "o/cached", {"data/train.jsonl": ROWS[:2],
+                                                  "data/test.jsonl": ROWS[2:]})
+    calls = hub_down(hub_error("connect"))
+    assert load_examples("o/cached", split="test") == EXPECTED[2:]
+    assert calls == ["dataset_info"]
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline mode: not even one request
+    assert load_examples("o/cached", split="train") == EXPECTED[:2]
+    assert calls == ["dataset_info"]
+    with pytest.raises(DataError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\) and dataset "
+                                         r"'o/elsewhere' is not in the local Hugging Face cache"):
+        load_examples("o/elsewhere")
 
 
 GSM8K_FILES = [
@@ -348,6 +479,8 @@ def test_unknown_builtin_and_split():
         load_examples("builtin:algebra")
     with pytest.raises(DataError, match="splits train, test, not 'validation'"):
         load_examples("builtin:arith", split="validation")
+    with pytest.raises(DataError, match="the split is not a parameter.*--split for oisd-mlx eval"):
+        load_examples("builtin:arith?digits=1&split=test", split="test")
 
 
 # ---------------------------------------------------------------- prompts

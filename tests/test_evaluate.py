@@ -195,7 +195,29 @@ def test_evaluate_benchmarks_per_benchmark_and_mean(monkeypatch):
     assert results["mean"]["avg@4"] == pytest.approx((1 / 8 + 10 / 12) / 2)  # macro mean
     table = format_results(results).splitlines()
     assert table[0].split() == ["metric", "(%)", "a", "b", "mean"]
-    assert table[2].split() == ["avg@4", "12.5", "83.3", "47.9"]
+    assert table[1].split() == ["avg@4", "12.5", "83.3", "47.9"]
+
+
+def test_format_results_puts_percentages_and_counts_in_separate_tables():
+    """Rows of the % table are only metrics; counts get their own table, pooled over all
+    samples (tokens 10 on 2x4 samples and 20 on 3x4: (80 + 240) / 20 = 16)."""
+    bench = {"a": {"problems": 2, "samples": 4, "avg@4": 0.125, "pass@4": 0.5,
+                   "completion_tokens_mean": 10.0, "truncated_frac": 0.5, "reward_failures": 1},
+             "b": {"problems": 3, "samples": 4, "avg@4": 0.75, "pass@4": 1.0,
+                   "completion_tokens_mean": 20.0, "truncated_frac": 0.0, "reward_failures": 2}}
+    results = {"benchmarks": bench, "mean": {"avg@4": 0.4375, "pass@4": 0.75}}
+    percent, counts = format_results(results).split("\n\n")
+    rows = {line.split("  ")[0].strip(): line.split()[-3:] for line in percent.splitlines()[1:]}
+    assert rows == {"avg@4": ["12.5", "75.0", "43.8"], "pass@4": ["50.0", "100.0", "75.0"]}
+    lines = counts.splitlines()
+    assert lines[0].split() == ["counts", "a", "b", "all"]
+    rows = {line[:16].strip(): line[16:].split() for line in lines[1:]}
+    assert rows == {"problems": ["2", "3", "5"], "samples": ["4", "4", "4"],
+                    "mean tokens": ["10.0", "20.0", "16.0"],
+                    "truncated (%)": ["50.0", "0.0", "20.0"],
+                    "reward failures": ["1", "2", "3"]}
+    single = format_results({"benchmarks": {"a": bench["a"]}, "mean": {}}).splitlines()
+    assert single[0].split() == ["metric", "(%)", "a"] and "all" not in single[4]
 
 
 # --- benchmark registry and loaders --------------------------------------------------------------
@@ -278,3 +300,119 @@ def test_eval_help_has_examples():
     result = runner.invoke(app, ["eval", "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output
     assert "oisd-mlx eval Qwen/Qwen3-0.6B" in result.output
+
+
+# --- --data sources, fields and splits -----------------------------------------------------------
+
+def _captured_sets(monkeypatch, args: list[str]):
+    """Run `oisd-mlx eval` with `args`, capturing the benchmark sets instead of sampling."""
+    seen = {}
+
+    def fake_evaluate(model, tokenizer, sets, *args, **kwargs):
+        seen.update(sets)
+        return {"benchmarks": {name: {"problems": len(ex), "samples": 1, "avg@1": 0.0}
+                               for name, ex in sets.items()}, "mean": {"avg@1": 0.0}}
+
+    monkeypatch.setattr(evaluate, "evaluate_benchmarks", fake_evaluate)
+    result = runner.invoke(app, ["eval", *args])
+    return result, seen
+
+
+def test_eval_builtin_test_split_is_the_demo_held_out_set(monkeypatch, tiny_dir):
+    """`--data builtin:... --split test` gives exactly the problems the demo's training run
+    scores as eval_accuracy (configs/demo.yaml: eval_split test of the same source)."""
+    from pathlib import Path
+
+    from mlx_oisd.config import load_config
+    from mlx_oisd.trainer import load_eval_examples
+
+    spec = "builtin:arith?digits=1&terms=2&n=61&n_test=20"
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert cfg.dataset.source == spec and cfg.eval_split == "test"
+    result, sets = _captured_sets(monkeypatch, [str(tiny_dir), "--data", spec, "--split", "test"])
+    assert result.exit_code == 0, result.output
+    assert list(sets) == ["arith-test"] and sets["arith-test"] == load_eval_examples(cfg)
+    assert len(sets["arith-test"]) == 20
+    result, sets = _captured_sets(monkeypatch, [str(tiny_dir), "--data", spec, "--split", "train"])
+    assert len(sets["arith-train"]) == 61 and not set(sets["arith-train"]) & set(
+        load_eval_examples(cfg))
+    result = runner.invoke(app, ["eval", str(tiny_dir), "--data", spec + "&split=test"])
+    assert result.exit_code == 2 and "--split for oisd-mlx eval" in result.output
+
+
+def test_eval_mixes_files_with_their_own_fields(monkeypatch, tiny_dir, tmp_path):
+    """A GSM8K-style file, a MATH-500-style file (fields detected: problem, and answer rather
+    than the worked solution) and one with odd fields named after its path."""
+    gsm8k = tmp_path / "gsm8k_test.jsonl"
+    gsm8k.write_text(json.dumps({"question": "Q1?", "answer": "work\n#### 1,000"}) + "\n")
+    math500 = tmp_path / "math500.jsonl"
+    math500.write_text(json.dumps({"problem": "P1?", "solution": "\\boxed{5}", "answer": "4"})
+                       + "\n")
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"text": "T1?", "gold": 7}) + "\n")
+    result, sets = _captured_sets(monkeypatch, [
+        str(tiny_dir), "--data", str(gsm8k), "--data", str(math500), "--data", f"{odd}:text:gold",
+        "--data", f"{math500}::solution"])
+    assert result.exit_code == 0, result.output
+    assert sets == {"gsm8k_test": [Example("Q1?", "1000")], "math500": [Example("P1?", "4")],
+                    "odd": [Example("T1?", "7")], "math500-4": [Example("P1?", "5")]}
+    assert "metric (%)" in result.output and "counts" in result.output
+
+
+def test_eval_data_field_errors_name_the_flag(tiny_dir, tmp_path):
+    math500 = tmp_path / "math500.jsonl"
+    math500.write_text(json.dumps({"problem": "P?", "answer": "4"}) + "\n")
+    result = runner.invoke(app, ["eval", str(tiny_dir), "--data", f"{math500}:question"])
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert (f"line 1 of {math500} has no field 'question' (fields: problem, answer); pass --data "
+            f"{math500}:problem") in message and "dataset." not in message
+    result = runner.invoke(app, ["eval", str(tiny_dir), "--data", f"{math500}:problem:final"])
+    assert f"pass --data {math500}:problem:answer" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARK_FIELDS))
+def test_detected_fields_of_the_shipped_benchmark_files_match_the_registry(name):
+    """`--data NAME.jsonl` without fields reads the same problems and answers as `-b NAME`."""
+    from mlx_oisd.data.sources import load_examples
+
+    path = SHARED_BENCHMARKS / f"{name}.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    assert load_examples(str(path), prompt_field=None, answer_field=None) == load_benchmark(
+        name, benchmark_dir=SHARED_BENCHMARKS)
+
+
+def test_eval_cli_draws_the_samples_of_the_trainers_held_out_evaluation(monkeypatch, tiny_dir):
+    """With the demo's eval settings (README: -k 16 --max-tokens 8 --temperature 1.0 --top-p 1.0
+    --seed 7) `oisd-mlx eval` samples exactly the completions `trainer.evaluate` scores."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from mlx_oisd import load
+    from mlx_oisd.config import load_config
+    from mlx_oisd.rollout import sample
+    from mlx_oisd.trainer import evaluate as trainer_evaluate
+    from mlx_oisd.trainer import load_eval_examples
+
+    drawn = []
+
+    def recording_sample(*args, **kwargs):
+        rollout = sample(*args, **kwargs)
+        drawn.append(rollout.completions)
+        return rollout
+
+    monkeypatch.setattr(evaluate, "sample", recording_sample)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+                      ["rollout_batch_size=64", "eval_samples=6"])  # auto: B*G; 6 for speed
+    model, tokenizer = load(tiny_dir)
+    run = SimpleNamespace(cfg=cfg, model=model, tokenizer=tokenizer,
+                          eval_examples=load_eval_examples(cfg), workers={})
+    trainer_evaluate(run)
+    by_trainer, drawn[:] = list(drawn), []
+    result = runner.invoke(app, [
+        "eval", str(tiny_dir), "--data", cfg.dataset.source, "--split", "test", "-k", "16",
+        "--max-tokens", "8", "--temperature", "1.0", "--top-p", "1.0", "--seed", "7",
+        "--limit", "6"])
+    assert result.exit_code == 0, result.output
+    assert len(by_trainer) == 2 and drawn == by_trainer  # 4 problems per chunk of 64 rows

@@ -1,6 +1,7 @@
 """export.py: PEFT adapters, fused models, mlx-lm copies, model cards, push, and the errors."""
 
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -80,7 +81,7 @@ def test_peft_export_keys_shapes_and_config(run_dir, tiny_dir, tmp_path):
     assert config["r"] == 4 and config["lora_alpha"] == 40 and config["lora_dropout"] == 0.0
     assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
     assert config["layers_to_transform"] == [2, 3]
-    assert config["base_model_name_or_path"] == str(tiny_dir)  # from the run's config.yaml
+    assert config["base_model_name_or_path"] == str(tiny_dir.resolve())  # the run's config.yaml
     assert config["bias"] == "none" and config["fan_in_fan_out"] is False
     assert config["use_rslora"] is False
 
@@ -164,7 +165,9 @@ def test_mlx_export_is_a_validated_copy(run_dir, tiny_dir, tmp_path):
 def test_model_card_records_base_settings_and_evals(run_dir, tiny_dir, tmp_path):
     for fmt in ("peft", "mlx"):
         card = (export(run_dir / "adapters", fmt, tmp_path / fmt) / "README.md").read_text()
-        assert f"base model: `{tiny_dir}`" in card and f"format: `{fmt}`" in card
+        assert f"base model: `{tiny_dir.name}` (a local folder" in card and f"format: `{fmt}`" in card
+        assert f"\n# {run_dir.name} (OISD LoRA adapter of {tiny_dir.name})\n" in card
+        assert str(tmp_path) not in card and str(tiny_dir) not in card  # no machine paths
         for line in ("| `algorithm` | `oisd` |", "| `oisd.student_layers` | `[1]` |",
                      "| `oisd.lambda_attn` | `0.1` |", "| `lora.rank` | `4` |",
                      "| `learning_rate` | `1e-05` |", "| `max_steps` | `200` |",
@@ -280,22 +283,15 @@ def test_peft_parity_with_huggingface(case, tmp_path):
     assert np.abs(logits - ref[f"logits_{case}"]).max() < 1e-4
     out = export(PEFT_FIXTURES / f"mlx_{case}", "peft", tmp_path / "peft", base="tests/fixtures/peft/base")
     committed = PEFT_FIXTURES / f"peft_{case}"
-    assert (json.loads((out / "adapter_config.json").read_text())
-            == json.loads((committed / "adapter_config.json").read_text()))
+    ours = json.loads((out / "adapter_config.json").read_text())
+    theirs = json.loads((committed / "adapter_config.json").read_text())
+    assert ours.pop("base_model_name_or_path") == str((PEFT_FIXTURES / "base").resolve())
+    assert theirs.pop("base_model_name_or_path") == "tests/fixtures/peft/base"  # as PEFT loaded it
+    assert ours == theirs
     new, old = load_file(out / "adapter_model.safetensors"), load_file(committed / "adapter_model.safetensors")
     assert new.keys() == old.keys()
     for k in new:
         np.testing.assert_array_equal(new[k], old[k])
-
-
-def test_push_failure_is_a_clear_error(run_dir, tmp_path):
-    class UnauthorizedApi(FakeHfApi):
-        def create_repo(self, repo_id, repo_type="model", exist_ok=False):
-            raise ConnectionError("no route to huggingface.co")  # Hub HTTP errors are OSErrors too
-
-    with pytest.raises(ExportError, match=r"could not push .* 'me/x'.*hf auth login"):
-        export(run_dir / "adapters", "mlx", tmp_path / "mlx", push_to_hub_repo="me/x", api=UnauthorizedApi())
-    assert (tmp_path / "mlx" / "README.md").is_file()  # the folder is written; push again later
 
 
 # ---- destination guards ----
@@ -351,3 +347,353 @@ def test_never_onto_a_runs_adapters_or_into_its_checkpoints(run_dir, tiny_dir, t
     # a folder merely named adapters/ (no run around it) is an ordinary destination
     out = export(source, "mlx", tmp_path / "elsewhere" / "adapters")
     assert (out / "adapters.safetensors").is_file()
+
+
+# ---- model cards: the run's name, step, prompt format, placeholders, eval files ----
+
+def _checkpointed_run(root: Path, tiny_dir, step=40, max_steps=60, **dataset) -> Path:
+    """runs/X as training leaves it: config.yaml (max_steps of the run), checkpoints/step_N
+    (adapters, state.json, its config.yaml, manifest.json) and adapters/ = the newest one."""
+    from mlx_oisd.checkpoint import manifest
+
+    cfg = {"model": str(tiny_dir), **RUN_CONFIG, "max_steps": max_steps,
+           "dataset": {**RUN_CONFIG["dataset"], **dataset}}
+    ckpt = root / "checkpoints" / f"step_{step:06d}"
+    make_adapter(tiny_dir, ckpt)
+    (ckpt / "state.json").write_text(json.dumps({"step": step, "sampler": {}}))
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({**cfg, "max_steps": 50}))  # before a resume
+    (ckpt / "manifest.json").write_text(json.dumps(manifest(ckpt)))
+    make_adapter(tiny_dir, root / "checkpoints" / "step_000020", seed=3)  # an older checkpoint
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (root / "adapters").mkdir()
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        (root / "adapters" / name).write_bytes((ckpt / name).read_bytes())
+    return root
+
+
+def _code_blocks(card: str) -> list[str]:
+    return [b.split("\n", 1)[1] for b in card.split("```")[1::2] if b.startswith("python\n")]
+
+
+def test_card_names_the_run_and_the_checkpoint_step(tiny_dir, tmp_path):
+    run = _checkpointed_run(tmp_path / "demo", tiny_dir)
+    for source in (run / "adapters", run / "checkpoints" / "step_000040"):
+        card = (export(source, "mlx", tmp_path / source.name / "out") / "README.md").read_text()
+        assert card.count("\n# demo (OISD LoRA adapter of ") == 1
+        assert "- exported at step 40 of 60 (`max_steps`)" in card
+        assert "| `max_steps` | `60` |" in card  # the run's, not the checkpoint's 50
+    older = export(run / "checkpoints" / "step_000020", "mlx", tmp_path / "old") / "README.md"
+    assert "exported at step 20 of 60" in older.read_text()
+
+
+def test_card_eval_tables_come_from_eval_files(run_dir, tmp_path):
+    results = {"benchmarks": {"gsm8k": {"problems": 10, "samples": 10, "avg@1": 0.7}},
+               "mean": {"avg@1": 0.7}, "settings": {"model": "Qwen/Qwen3-0.6B", "adapter": "x",
+                                                    "k": 1}}
+    (tmp_path / "elsewhere").mkdir()
+    trained = tmp_path / "elsewhere" / "trained.json"
+    trained.write_text(json.dumps(results))
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({**results, "settings": {"model": "Qwen/Qwen3-0.6B", "adapter": None}}))
+    card = (export(run_dir / "adapters", "mlx", tmp_path / "out", evals=[trained, base])
+            / "README.md").read_text()
+    assert "### trained.json\n\nEvaluated: `Qwen/Qwen3-0.6B` with an adapter." in card
+    assert "### base.json\n\nEvaluated: `Qwen/Qwen3-0.6B` without an adapter (the base)." in card
+    assert "### eval.json" in card and "| gsm8k | 50 | 0.4213 | 0.8 |" in card  # the run's own too
+    assert card.count("| gsm8k | 10 | 0.7 |") == 2
+    with pytest.raises(ExportError, match=r"--eval .*nope.json: no such file; expected the JSON"):
+        export(run_dir / "adapters", "mlx", tmp_path / "x", evals=[tmp_path / "nope.json"])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ExportError, match=r"--eval .*bad.json: not valid JSON"):
+        export(run_dir / "adapters", "mlx", tmp_path / "x", evals=[tmp_path / "bad.json"])
+    assert not (tmp_path / "x").exists()
+    result = CliRunner().invoke(app, ["export", str(run_dir / "adapters"), "--format", "mlx",
+                                      "--out", str(tmp_path / "cli"), "--eval", str(trained)])
+    assert result.exit_code == 0, result.output
+    assert "### trained.json" in (tmp_path / "cli" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("dataset", [
+    {}, {"instruction": None, "system_prompt": "You add numbers."}, {"instruction": " Be brief."}])
+def test_usage_code_builds_the_training_prompt(dataset, tiny_dir, tmp_path):
+    """The card's mlx-lm code, placeholders filled in, runs and renders exactly the prompt that
+    training rendered (`PromptFormat`); the transformers code builds the same messages."""
+    from mlx_oisd.data.prompts import MATH_INSTRUCTION, PromptFormat
+    from mlx_oisd.model_card import BASE_PLACEHOLDER, EXAMPLE_QUESTION, HERE_PLACEHOLDER
+
+    run = _checkpointed_run(tmp_path / "run", tiny_dir, **dataset)
+    instruction = dataset.get("instruction", MATH_INSTRUCTION)  # absent key: the default
+    fmt = PromptFormat(dataset.get("system_prompt"), instruction, False)
+    tokenizer = load(tiny_dir)[1]
+    for kind in ("mlx", "fused", "peft"):
+        out = export(run / "adapters", kind, tmp_path / kind)
+        card = (out / "README.md").read_text()
+        assert BASE_PLACEHOLDER in card or kind == "fused"
+        assert str(tiny_dir) not in card and str(tmp_path) not in card
+        if instruction:
+            assert f"INSTRUCTION = {json.dumps(instruction)}" in card
+        blocks = [b for b in _code_blocks(card) if "messages = " in b]
+        assert len(blocks) == {"peft": 1, "fused": 2, "mlx": 1}[kind]
+        for code in blocks:
+            compile(code, "card", "exec")
+            messages = "\n".join(line for line in code.splitlines()
+                                 if line.startswith(("INSTRUCTION", "messages")))
+            scope = {}
+            exec(messages, scope)
+            assert scope["messages"] == fmt.messages(EXAMPLE_QUESTION)
+        if kind == "peft":
+            continue
+        mlx_code = blocks[-1].replace(BASE_PLACEHOLDER, str(tiny_dir)).replace(
+            HERE_PLACEHOLDER, str(out)).replace("max_tokens=1024", "max_tokens=2")
+        scope = {}
+        exec(mlx_code, scope)
+        assert scope["prompt"] == fmt.render(tokenizer, EXAMPLE_QUESTION)
+
+
+# ---- adapter_config.json: a base PEFT can load ----
+
+def test_adapter_config_names_a_loadable_base(tiny_dir, tmp_path, monkeypatch):
+    """AutoPeftModelForCausalLM reads adapter_config.json, then loads base_model_name_or_path
+    with transformers: a builtin: spec failed there. transformers' AutoConfig (no torch needed)
+    stands in for that second step; the keys are those PEFT loaded in tests/fixtures/peft."""
+    from transformers import AutoConfig
+
+    from mlx_oisd.tiny import builtin_model_path
+
+    fixture = json.loads((PEFT_FIXTURES / "peft_partial" / "adapter_config.json").read_text())
+    adapters = make_adapter(tiny_dir, tmp_path / "ad")
+    out = export(adapters, "peft", tmp_path / "builtin", base="builtin:tiny")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(builtin_model_path("tiny").resolve())
+    assert AutoConfig.from_pretrained(config["base_model_name_or_path"]).model_type == "qwen3"
+    assert set(config) == set(fixture)
+    assert {k: type(v) for k, v in config.items()} == {k: type(v) for k, v in fixture.items()}
+    card = (out / "README.md").read_text()
+    assert "base model: `builtin:tiny` (mlx-oisd's built-in model, not on the Hub" in card
+    assert "base_model" not in yaml.safe_load(card.split("---")[1])
+    # a Hub cache snapshot folder is its Hub id
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen3-0.6B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for f in tiny_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    out = export(adapters, "peft", tmp_path / "cached", base=str(snapshot))
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] \
+        == "Qwen/Qwen3-0.6B"
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == "Qwen/Qwen3-0.6B"
+    assert 'from_pretrained("Qwen/Qwen3-0.6B")' in card
+
+
+def test_a_hub_base_that_cannot_be_read_offline_is_exported_with_a_warning(tiny_dir, tmp_path,
+                                                                           capsys):
+    adapters = make_adapter(tiny_dir, tmp_path / "ad")
+    out = export(adapters, "peft", tmp_path / "peft", base="someone/not-cached")
+    assert "cannot check the adapters against someone/not-cached" in capsys.readouterr().err
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] \
+        == "someone/not-cached"
+    with pytest.raises(ExportError, match="neither a local folder, builtin:NAME nor a Hugging Face"):
+        export(adapters, "peft", tmp_path / "x", base="./missing/folder")
+
+
+# ---- adapters checked against the base before anything is written ----
+
+@pytest.mark.parametrize("fmt", ["peft", "fused", "mlx"])
+def test_adapters_that_do_not_fit_the_base_write_nothing(fmt, run_dir, make_tiny, tmp_path):
+    narrow = make_tiny(hidden_size=32, intermediate_size=64)
+    deeper = make_tiny(num_layers=6)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError) as e:
+        export(run_dir / "adapters", fmt, out, base=str(narrow))
+    message = str(e.value)
+    assert f"adapters were trained on a model with hidden size 64; --base {narrow} has 32" in message
+    assert ("model.layers.2.self_attn.q_proj: lora_a (64, 4) and lora_b (4, 64) adapt a 64 -> 64 "
+            f"layer; {narrow}'s is 32 -> 64") in message
+    assert "nothing was written" in message and not out.exists()
+    with pytest.raises(ExportError, match=r"adapt blocks 2..3 \(num_layers 2 of a 4-block model\); "
+                                          r".* has 6 blocks"):
+        export(run_dir / "adapters", fmt, out, base=str(deeper))
+    assert not out.exists()
+    result = CliRunner().invoke(app, ["export", str(run_dir / "adapters"), "--format", fmt,
+                                      "--out", str(out), "--base", str(narrow)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("error: ") and "hidden size 64" in result.output
+
+
+def test_full_fine_tune_shapes_are_checked(tiny_dir, make_tiny, tmp_path):
+    model, _ = load(tiny_dir)
+    model.freeze()
+    model.layers[1].mlp.unfreeze()
+    save_adapters(model, tmp_path / "full", num_layers=-1, params=None)
+    with pytest.raises(ExportError, match=r"hidden size 64; --base .* has 32:\n  model.layers.1."
+                                          r"mlp.down_proj.weight: shape \(64, 128\); .*\(32, 64\)"):
+        export(tmp_path / "full", "fused", tmp_path / "out",
+               base=str(make_tiny(hidden_size=32, intermediate_size=64)))
+    assert not (tmp_path / "out").exists()
+
+
+# ---- push errors: one message each (fake Hub clients raising the real exception classes) ----
+
+def _http_error(cls, status: int, text: str):
+    import httpx2
+
+    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+    return cls(text, response=httpx2.Response(status, request=request))
+
+
+def _failing_api(error):
+    class FailingApi(FakeHfApi):
+        def create_repo(self, repo_id, repo_type="model", exist_ok=False):
+            raise error
+
+    return FailingApi()
+
+
+def test_push_errors_say_what_to_do(run_dir, tmp_path):
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    cases = [
+        (httpx2.ConnectError("[Errno -2] Name or service not known"), "cannot reach the Hugging "
+         "Face Hub (offline); the export is at {out}; push it later with `hf upload me/x {out}`"),
+        (OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled."),
+         "cannot reach the Hugging Face Hub (offline); the export is at {out}"),
+        (_http_error(HfHubHTTPError, 401, "401 Client Error: Unauthorized"),
+         "(HTTP 401: not logged in, or the token may not write there): log in with `hf auth "
+         "login` or set HF_TOKEN; the export is at {out}"),
+        (_http_error(RepositoryNotFoundError, 401, "Repository Not Found for url"),
+         "log in with `hf auth login` or set HF_TOKEN"),
+        (_http_error(HfHubHTTPError, 403, "403 Forbidden: you cannot write to me/x"), "HTTP 403"),
+        (_http_error(HfHubHTTPError, 500, "500 Server Error: Internal\nmore detail"),
+         "the Hub answered HTTP 500 to the push to 'me/x': 500 Server Error: Internal; the export "
+         "is at {out}"),
+    ]
+    for i, (error, expected) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        with pytest.raises(ExportError) as e:
+            export(run_dir / "adapters", "mlx", out, push_to_hub_repo="me/x", api=_failing_api(error))
+        message = str(e.value)
+        assert expected.format(out=out) in message, message
+        assert "\n" not in message and (out / "README.md").is_file()  # written; push again later
+        assert ("log in" in message) == (i in (2, 3, 4))
+    with pytest.raises(KeyError):  # not a Hub error: not disguised as one
+        export(run_dir / "adapters", "mlx", tmp_path / "bug", push_to_hub_repo="me/x",
+               api=_failing_api(KeyError("bug")))
+
+
+def test_cli_push_failure_is_one_line(run_dir, tmp_path, monkeypatch):
+    import httpx2
+
+    import mlx_oisd.export as export_module
+
+    monkeypatch.setattr(export_module, "hub_api",
+                        lambda: _failing_api(httpx2.ConnectError("no route to host")))
+    result = CliRunner().invoke(app, ["export", str(run_dir / "adapters"), "--format", "peft",
+                                      "--out", str(tmp_path / "out"), "--push-to-hub", "me/x"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the Hugging Face Hub")
+
+
+# ---- QLoRA ----
+
+def test_quantize_group_size_must_divide_the_model_widths(make_tiny, tmp_path):
+    from mlx_oisd.config import ConfigError, QuantizeConfig, quantize_problem, validate
+    from mlx_oisd.trainer import setup
+
+    folder = make_tiny(hidden_size=96, num_heads=6, intermediate_size=192)  # 96 = 3 x 32
+    cfg = validate({"model": str(folder), "output_dir": str(tmp_path / "run"),
+                    "dataset": {"source": str(tmp_path / "train.jsonl")},
+                    "quantize": {"group_size": 64}, "oisd": {"student_layers": [1]}})
+    with pytest.raises(ConfigError, match=r"'quantize.group_size' 64 does not divide .*'s "
+                                          r"hidden_size 96, num_attention_heads \* head_dim 96 "
+                                          r"\(.*\); use quantize.group_size 32$"):
+        setup(cfg)
+    config = {"hidden_size": 48, "num_attention_heads": 3, "head_dim": 16, "intermediate_size": 128}
+    assert "none of 32, 64, 128 divides them" in quantize_problem(QuantizeConfig(), config, "m")
+    assert quantize_problem(QuantizeConfig(group_size=32), {**config, "hidden_size": 64,
+                                                            "num_attention_heads": 2}, "m") is None
+
+
+def test_fused_qlora_export_computes_the_trained_model(tiny_dir, tmp_path, capsys):
+    """A QLoRA run trained LoRA on the base quantized at load: the fused export holds that
+    quantized base (dequantized) + the adapters, so its logits are the trained model's."""
+    from mlx_lm.utils import load_adapters
+
+    q = {"bits": 4, "group_size": 32}
+    run = tmp_path / "qlora"
+    (run / "config.yaml").parent.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": str(tiny_dir), **RUN_CONFIG,
+                                                     "quantize": q}))
+    make_adapter(tiny_dir, run / "adapters")
+    out = export(run / "adapters", "fused", tmp_path / "fused")
+    assert "trained with QLoRA" in capsys.readouterr().err
+    trained, _ = load(tiny_dir)
+    nn.quantize(trained, **q)
+    trained = load_adapters(trained, str(run / "adapters"))
+    full_precision, _ = load(tiny_dir, adapter_path=run / "adapters")
+    fused, _ = load(out)
+    ids = _ids(fused.args.vocab_size)
+    expected = trained(ids)
+    assert float(mx.abs(fused(ids) - expected).max()) < 1e-4
+    assert float(mx.abs(full_precision(ids) - expected).max()) > 1e-3  # what merging used to give
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    card = (out / "README.md").read_text()
+    assert "trained with QLoRA (the base quantized 4 bits, group size 32): these weights are " \
+           "that quantized base, dequantized, with the adapters merged" in card
+    mlx_card = (export(run / "adapters", "mlx", tmp_path / "mlx") / "README.md").read_text()
+    assert "nn.quantize(model, group_size=32, bits=4)  # as in training (QLoRA)" in mlx_card
+
+
+# ---- push_to_hub at the end of training ----
+
+def test_push_to_hub_config_keys():
+    from mlx_oisd.config import ConfigError, hub_repo, validate
+
+    base = {"model": "builtin:tiny", "dataset": {"source": "builtin:arith"}}
+    assert hub_repo(validate({**base, "push_to_hub": "me/oisd"})) == "me/oisd"
+    assert hub_repo(validate({**base, "push_to_hub": True, "hub_model_id": "me/oisd"})) == "me/oisd"
+    assert hub_repo(validate({**base, "push_to_hub": False, "hub_model_id": "me/oisd"})) is None
+    assert hub_repo(validate(base)) is None
+    for extra, expected in [
+        ({"push_to_hub": "not a repo"}, "'push_to_hub' must be a Hub repo id of the form "
+                                        "'owner/name', got 'not a repo'"),
+        ({"push_to_hub": True}, "'push_to_hub' is true but 'hub_model_id' is not set"),
+        ({"push_to_hub": True, "hub_model_id": "x"}, "'hub_model_id' must be a Hub repo id"),
+        ({"push_to_hub": "me/a", "hub_model_id": "me/b"}, "name different repos"),
+        ({"push_to_hub": 3}, "for 'push_to_hub', got 3"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            validate({**base, **extra})
+
+
+def test_a_finished_run_is_exported_and_pushed(tmp_path, monkeypatch, capsys):
+    """A push that fails after training prints one line and leaves the run finished and the
+    export on disk; pushing that folder later uploads the PEFT export."""
+    import httpx2
+
+    import mlx_oisd.export as export_module
+    from mlx_oisd.config import validate
+    from mlx_oisd.export import publish_run
+    from mlx_oisd.trainer import train
+
+    monkeypatch.setattr(export_module, "hub_api",
+                        lambda: _failing_api(httpx2.ConnectError("no route to host")))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"q": f"What is {a} + 2?", "a": a + 2}) + "\n"
+                            for a in range(4)))
+    cfg = validate({"model": "builtin:tiny", "output_dir": str(tmp_path / "run"), "max_steps": 1,
+                    "dataset": {"source": str(data), "prompt_field": "q", "answer_field": "a"},
+                    "batch_size": 2, "num_generations": 2, "max_completion_length": 4,
+                    "lora": {"rank": 2, "num_layers": 1}, "oisd": {"student_layers": [1]},
+                    "rewards": [{"name": "format"}], "push_to_hub": "me/run"})
+    run = train(cfg, show_progress=False)
+    printed = capsys.readouterr().out
+    assert f"push_to_hub: cannot reach the Hugging Face Hub (offline); the export is at " \
+           f"{run.out_dir / 'export-peft'}" in printed
+    assert (run.out_dir / "checkpoints" / "step_000001").is_dir()
+    assert (run.out_dir / "export-peft" / "adapter_model.safetensors").is_file()
+    assert "exported at step 1 of 1" in (run.out_dir / "export-peft" / "README.md").read_text()
+    api = FakeHfApi()
+    assert publish_run(run.out_dir, "me/run", api=api) == (
+        f"push_to_hub: pushed {run.out_dir / 'export-peft'} to https://huggingface.co/me/run")
+    assert api.calls[-1][3] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]

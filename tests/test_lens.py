@@ -185,7 +185,8 @@ def test_lens_command_prompt_and_side_by_side(sharp, tmp_path):
                                  "--json", str(tmp_path / "c.json")])
     assert result.exit_code == 0, result.output
     assert "base agree%" in result.output and "tuned agree%" in result.output
-    assert (tmp_path / "c-base.png").is_file() and (tmp_path / "c-tuned.png").is_file()
+    assert "wrote" in result.output and (tmp_path / "c.png").is_file()  # one PNG, both panels
+    assert not (tmp_path / "c-base.png").exists()
     report = json.loads((tmp_path / "c.json").read_text())
     base, tuned = report["runs"]["base"], report["runs"]["tuned"]
     assert base["adapter"] is None and tuned["adapter"] == str(adapter)
@@ -203,3 +204,113 @@ def test_lens_command_errors_and_help(tiny_dir, tmp_path):
     result = runner.invoke(app, ["lens", "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output
     assert "oisd-mlx lens Qwen/Qwen3-0.6B --prompt" in result.output
+
+
+class _LetterTokenizer:
+    """decode: token id i is the letter chr(97 + i % 26)."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+
+def _fake_run(label, prompt_len, completion_len, blocks, seed=0):
+    """A LensRun over one sequence with random tables [blocks, P + C]."""
+    rng = np.random.default_rng(seed)
+    T = prompt_len + completion_len
+    top = rng.integers(0, 26, size=(blocks, T))
+    table = {"top_ids": top, "agree": top == top[-1], "entropy": rng.random((blocks, T)),
+             "final_prob": rng.random((blocks, T))}
+    seq = list(rng.integers(0, 26, size=T))
+    return LensRun(label, [(seq[:prompt_len], seq[prompt_len:])], [table])
+
+
+def _heatmaps(fig):
+    return [ax for ax in fig.axes if ax.get_images()]
+
+
+def test_heatmap_size_readable_labels_and_cut_note():
+    from mlx_oisd.lens import build_lens_figure
+
+    tok = _LetterTokenizer()
+    small = build_lens_figure(_fake_run("a", 3, 30, 4), tok)
+    wide = build_lens_figure(_fake_run("a", 3, 80, 4), tok)
+    tall = build_lens_figure(_fake_run("a", 3, 30, 28), tok)
+    assert wide.get_size_inches()[0] > small.get_size_inches()[0]
+    assert tall.get_size_inches()[1] > small.get_size_inches()[1]
+    for fig in (small, wide, tall):
+        fig.draw_without_rendering()
+        (ax,) = _heatmaps(fig)
+        labels = ax.get_xticklabels() + ax.get_yticklabels()
+        assert min(t.get_fontsize() for t in labels) >= 9
+        x = [t.get_window_extent() for t in ax.get_xticklabels()]
+        assert all(a.x1 <= b.x0 for a, b in zip(x, x[1:]))  # token labels do not overlap
+        y = [t.get_window_extent() for t in ax.get_yticklabels()]
+        assert all(a.y1 <= b.y0 for a, b in zip(y, y[1:]))
+    assert "all 30 response positions" in _heatmaps(small)[0].get_title(loc="left")
+    cut = build_lens_figure(_fake_run("a", 3, 240, 4), tok)
+    (ax,) = _heatmaps(cut)
+    assert ax.get_title(loc="left").endswith("positions 0-95 of 240 shown; use --start/--columns")
+    assert len(ax.get_xticklabels()) == 96
+    later = build_lens_figure(_fake_run("a", 3, 240, 4), tok, start=200, columns=96)
+    assert "positions 200-239 of 240 shown" in _heatmaps(later)[0].get_title(loc="left")
+    with pytest.raises(ValueError, match="response positions 0..239"):
+        build_lens_figure(_fake_run("a", 3, 240, 4), tok, start=240)
+
+
+def test_heatmap_colour_bar_and_one_panel_per_run(tmp_path):
+    from mlx_oisd.lens import build_lens_figure
+
+    tok = _LetterTokenizer()
+    runs = [_fake_run("base", 3, 12, 4, seed=1), _fake_run("oisd", 3, 20, 4, seed=2)]
+    fig = build_lens_figure(runs, tok)
+    panels = _heatmaps(fig)
+    assert [ax.get_title(loc="left").split(":")[0] for ax in panels] == ["base", "oisd"]
+    assert all(ax.get_images()[0].get_clim() == (0.0, 1.0) for ax in panels)  # one scale
+    bars = [ax for ax in fig.axes if ax not in panels]
+    assert len(bars) == 1 and bars[0].get_ylabel() == "P(final token)"
+    # each panel's columns are its own sequence's next tokens
+    prompt, completion = runs[1].sequences[0]
+    assert [t.get_text() for t in panels[1].get_xticklabels()] == [
+        tok.decode([i]) for i in completion]
+    agree = build_lens_figure(runs, tok, value="agree")
+    (bar,) = [ax for ax in agree.axes if not ax.get_images()]
+    assert bar.get_ylabel() == "agrees with final layer"
+    png = plot_lens_heatmap(runs, tok, tmp_path / "two.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    two_runs = fig.get_size_inches()[1]
+    assert two_runs > build_lens_figure(runs[:1], tok).get_size_inches()[1]
+
+
+def _png_width(path):
+    return int.from_bytes(path.read_bytes()[16:20], "big")
+
+
+def test_lens_command_index_picks_the_sequence(sharp, tmp_path):
+    rows = tmp_path / "c.jsonl"
+    long = "First add the tens, then the ones. " * 4
+    rows.write_text("".join(json.dumps({"prompt": q, "completion": c}) + "\n" for q, c in
+                            [("What is 1+2?", "3"), ("Say hi", long)]))
+    shown = {}
+    for index in (0, 1):
+        out = tmp_path / f"i{index}.png"
+        result = runner.invoke(app, ["lens", str(sharp), "--completions", str(rows),
+                                     "--index", str(index), "--out-png", str(out)])
+        assert result.exit_code == 0, result.output
+        shown[index] = result.output.splitlines()[0]
+    assert _png_width(tmp_path / "i1.png") > _png_width(tmp_path / "i0.png")  # more positions
+    assert shown[0] != shown[1]
+    result = runner.invoke(app, ["lens", str(sharp), "--completions", str(rows), "--index", "2"])
+    assert result.exit_code == 2 and "--index 2: expected 0..1" in result.output
+
+
+def test_heatmap_same_tokens_labelled_once():
+    from mlx_oisd.lens import build_lens_figure
+
+    tok = _LetterTokenizer()
+    base = _fake_run("base", 3, 12, 4, seed=1)
+    tuned = LensRun("tuned", base.sequences, [_fake_run("t", 3, 12, 4, seed=2).tables[0]])
+    panels = _heatmaps(build_lens_figure([base, tuned], tok))
+    shown = [[t.label1.get_visible() for t in ax.xaxis.get_major_ticks()] for ax in panels]
+    assert shown == [[False] * 12, [True] * 12]  # the shared tokens under the last panel only
+    assert panels[0].get_images()[0].get_array().tolist() != panels[1].get_images()[0].get_array(
+    ).tolist()

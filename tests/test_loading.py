@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import hub_error
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -68,12 +69,43 @@ def test_missing_weights(tiny_dir, tmp_path):
 
 def test_unreachable_hub_id_is_a_clear_error():
     # HF_HUB_OFFLINE=1 (conftest): the Hub cannot be asked, and the error says what to do
-    with pytest.raises(ModelLoadError, match=r"could not get 'nobody/no-such-model'.*local model folder"):
+    with pytest.raises(ModelLoadError, match=re.escape(
+            "offline mode is on (HF_HUB_OFFLINE=1) and model 'nobody/no-such-model' is not in the "
+            "local Hugging Face cache; unset HF_HUB_OFFLINE to download it, or pass a local "
+            "model folder")):
         load("nobody/no-such-model")
 
 
+@pytest.mark.parametrize("kind, message", [
+    ("connect", "the Hugging Face Hub cannot be reached (ConnectError: [Errno -2] Name or service "
+                "not known) and model 'o/m' is not in the local Hugging Face cache; check the "
+                "network (or proxy), or pass a local model folder"),
+    ("404", "model 'o/m' does not exist on the Hugging Face Hub; check the id"),
+    ("gated", "model 'o/m' is gated or private and this machine may not read it; accept its "
+              "terms on https://huggingface.co/o/m and log in with `hf auth login`"),
+])
+def test_hub_model_failure_is_named_after_one_request(hub_down, kind, message):
+    """snapshot_download's first request (repo_info) fails: one request, then the message."""
+    calls = hub_down(hub_error(kind))
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        load("o/m")
+    assert calls == ["repo_info"]
+
+
+def test_hub_model_comes_from_the_cache_when_the_hub_is_unreachable(hub_down, tiny_dir,
+                                                                    tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = tmp_path / "hub" / "models--o--cached"
+    shutil.copytree(tiny_dir, root / "snapshots" / commit)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    calls = hub_down(hub_error("connect"))
+    model, _ = load("o/cached")
+    assert isinstance(model, Model) and calls == ["repo_info"]
+
+
 def test_unknown_builtin():
-    with pytest.raises(ModelLoadError, match="'builtin:huge'; expected one of builtin:tiny, builtin:tiny-arith"):
+    with pytest.raises(ModelLoadError, match=r"'builtin:huge'; expected one of (builtin:[\w-]+, )*builtin:tiny, builtin:tiny-arith"):
         load("builtin:huge")
 
 

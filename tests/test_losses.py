@@ -418,7 +418,7 @@ def test_shared_readout_equals_separate_policy_and_lens_passes():
     temp, tau = 0.8, 1.3
 
     def fused(prm, s, h):
-        logp, ent, (js,) = token_logprobs_lens_js(h, targets, [s], _readout, prm, temp, tau, 3)
+        logp, ent, (js,), _ = token_logprobs_lens_js(h, targets, [s], _readout, prm, temp, tau, 3)
         return (logp * mmask).sum() + (js * mmask).sum(), (logp, ent, js)
 
     def separate(prm, s, h):
@@ -455,7 +455,7 @@ def test_frozen_readout_takes_gradients_ahead_exactly(tau):
     temp = 0.8
 
     def fused(h, s1, s2):
-        logp, ent, (j1, j2) = token_logprobs_lens_js(h, targets, [s1, s2], readout, {}, temp,
+        logp, ent, (j1, j2), _ = token_logprobs_lens_js(h, targets, [s1, s2], readout, {}, temp,
                                                      tau, chunk_size=3)
         return (w[0] * logp + w[1] * ent + w[2] * j1 + w[3] * j2).sum(), (logp, ent, j1, j2)
 
@@ -499,3 +499,39 @@ def test_attention_js_gradient_equals_autograd_of_the_formula():
     got, want = mx.grad(closed)(scores), mx.grad(plain)(scores)
     assert np.abs(_np(want)).max() > 1e-3
     np.testing.assert_allclose(_np(got), _np(want), rtol=1e-4, atol=1e-7)
+
+
+def test_gspo_sequence_ratio_clip_and_gradient_by_hand():
+    """importance_sampling_level sequence: s_i = exp(mean_t(l - l_old)) over the sequence's own
+    tokens, L_t = -min(s_i A_i, clip(s_i) A_i) on each of them; d sum(L) / d l_t = -A_i s_i / n_i
+    * n_i = -A_i s_i where unclipped, 0 where clipped (and at padding)."""
+    from mlx_oisd.losses import policy_loss
+
+    logp = mx.array([[-1.0, -2.0, -0.5], [-0.3, -0.7, -9.0], [-1.0, -1.0, -1.0]])
+    old = mx.array([[-1.1, -1.9, -0.6], [-0.35, -0.6, 0.0], [-1.5, -1.5, -1.5]])
+    mask = mx.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = mx.array([1.0, -2.0, 0.5])
+    eps, eps_high = 0.03, 0.04
+    d = np.asarray(logp - old) * np.asarray(mask)
+    n = np.asarray(mask).sum(1)
+    s = np.exp(d.sum(1) / n)  # [1.0339, 0.9753, 1.6487]: row 2 beyond 1 + eps_high with A > 0
+    A = np.asarray(adv)
+    loss = -np.minimum(s * A, np.clip(s, 1 - eps, 1 + eps_high) * A)
+    per_token, stats = policy_loss(logp, old, adv, mask, eps, eps_high, level="sequence")
+    np.testing.assert_allclose(np.asarray(per_token), loss[:, None] * np.asarray(mask), rtol=1e-6)
+    assert float(stats["clip_high"]) == 3 and float(stats["clip_low"]) == 0
+    np.testing.assert_allclose(float(stats["ratio_sum"]), (s * n).sum(), rtol=1e-6)
+    grad = mx.grad(lambda lp: policy_loss(lp, old, adv, mask, eps, eps_high, level="sequence")[0].sum())(logp)
+    unclipped = np.array([s[0] < 1 + eps_high, s[1] > 1 - eps, False])
+    expected = np.where(unclipped, -A * s, 0.0)[:, None] * np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_gspo_equals_grpo_on_single_token_completions():
+    from mlx_oisd.losses import policy_loss
+
+    logp, old = mx.array([[-1.0], [-0.2]]), mx.array([[-1.05], [-0.1]])
+    adv, mask = mx.array([1.0, -1.0]), mx.ones((2, 1))
+    tok, _ = policy_loss(logp, old, adv, mask, 0.2, 0.28)
+    seq, _ = policy_loss(logp, old, adv, mask, 0.2, 0.28, level="sequence")
+    np.testing.assert_allclose(np.asarray(seq), np.asarray(tok), rtol=1e-6)

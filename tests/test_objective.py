@@ -196,10 +196,11 @@ def test_lora_gradients_taken_ahead_equal_recomputed(make_tiny, monkeypatch):
 
     (la, _), ga = grad(model, batch, adv, None, None, spec, ntok, nseq)
 
-    def recomputing(h, targets, students, readout, params, temperature, tau, chunk_size):
+    def recomputing(h, targets, students, readout, params, temperature, tau, chunk_size,
+                    head_grad=True):
         out = losses._token_stats(h, targets, readout, params, temperature, chunk_size, True,
                                   students, tau, grad_ahead=False)
-        return out[0], out[1], out[2:]
+        return out[0], out[1], out[2:2 + len(students)], out[2 + len(students):]
 
     monkeypatch.setattr(objective_module, "token_logprobs_lens_js", recomputing)
     (lb, _), gb = grad(model, batch, adv, None, None, spec, ntok, nseq)
@@ -261,7 +262,7 @@ def test_half_precision_objective_and_gradients_match_float32(make_tiny, dtype, 
     adv = mx.zeros(4) if align else mx.array([1.0, -0.5, 0.7, -1.2])
     results = []
     for model in (half, full):
-        ref, _ = policy_logprobs(model, batch, replace(spec, algorithm="grpo"))
+        ref, _ = policy_logprobs(model, batch, replace(spec, lambda_logit=0.0, lambda_attn=0.0))
         (loss, stats), grads = ObjectiveGrad(model, compiled)(
             batch, adv, None, ref, spec, batch.response_mask.sum(), 4)
         mx.eval(loss, grads)
@@ -320,3 +321,74 @@ def test_gradient_checkpointing_gives_the_same_objective_and_gradients(make_tiny
         np.testing.assert_allclose(np.asarray(gb[k]), np.asarray(ga[k]), atol=1e-6, rtol=1e-5,
                                    err_msg=k)
     assert any(float(mx.abs(g).max()) > 0 for g in gb.values())
+
+
+def test_head_grad_off_keeps_the_logit_term_out_of_the_norm_and_head(make_tiny):
+    """oisd.head_grad: false (full fine-tuning, tied head): the logit-lens term gives the final
+    norm no gradient and the tied embedding only its input-side gradient; every block's
+    gradient is the same as with head_grad on (the forward pass is unchanged)."""
+    model, _ = load(make_tiny(tie_word_embeddings=True, init_std=0.1, seed=3))
+    batch = _batch(model.args.vocab_size)
+    on = LossSpec(student_layers=(STUDENT,), chunk_size=3)
+    g_on = _term_grads(model, batch, on, "logit")
+    g_off = _term_grads(model, batch, replace(on, head_grad=False), "logit")
+    assert float(mx.abs(g_on["model.norm.weight"]).max()) > 0
+    assert float(mx.abs(g_off["model.norm.weight"]).max()) == 0
+    emb = "model.embed_tokens.weight"
+    assert float(mx.abs(g_on[emb] - g_off[emb]).max()) > 1e-6  # the head's share is gone
+    for name in g_on:
+        if name.startswith("model.layers."):
+            np.testing.assert_allclose(np.asarray(g_off[name]), np.asarray(g_on[name]),
+                                       atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_bupo_lens_norm_reads_the_internal_policy_with_or_without_the_final_norm(model, norm):
+    """bupo.lens_norm: the internal policy is log_softmax(W_U h^l) (BuPO's default) or
+    log_softmax(W_U N_L(h^l)), computed here from the model's own blocks, independently."""
+    rng = np.random.default_rng(1)  # no padding: every prompt and completion the same length
+    V = model.args.vocab_size
+    batch = pack(Rollout([list(rng.integers(5, V, 4)) for _ in range(2)],
+                         [list(rng.integers(5, V, 3)) for _ in range(4)], [False] * 4, 2), 0)
+    spec = LossSpec(algorithm="bupo", student_layers=(STUDENT,), bupo_active=True,
+                    bupo_lens_norm=norm, lens_norm=not norm)  # oisd's lens_norm plays no part
+    logp, _ = policy_logprobs(model, batch, spec)
+    h = model.model.embed_tokens(batch.inputs)
+    T = batch.inputs.shape[1]
+    causal = mx.triu(mx.full((T, T), -mx.inf), k=1)
+    for layer in model.model.layers[:STUDENT]:
+        h = layer(h, causal, None)
+    h = model.model.norm(h) if norm else h
+    logits = model.lm_head(h)
+    expected = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    P = batch.prompt_len
+    expected = mx.take_along_axis(expected[:, P - 1:], batch.targets[..., None], axis=-1)[..., 0]
+    mask = np.asarray(batch.response_mask) > 0
+    np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(expected)[mask], atol=2e-5)
+
+
+def test_lens_metrics_count_top1_agreement_and_js_by_advantage_sign(model):
+    """The per-student lens sums of the loss chunks equal a direct computation: top-1 agreement
+    of W_U N_L(h^l) with the final layer's logits, and the lens JS, on response tokens, overall
+    and on rows with A > 0 / A < 0."""
+    from mlx_oisd.losses import js_divergence
+    from mlx_oisd.objective import forward
+
+    batch = _batch(model.args.vocab_size)
+    spec = LossSpec(student_layers=(1, STUDENT), chunk_size=3, tau=0.8)
+    adv, old, ntok, nseq = _inputs(model, spec, batch, adv=(1.0, -0.5, 0.0, 2.0))
+    _, stats = objective_terms(model, batch, adv, old, None, spec, ntok, nseq)
+    hidden, _ = forward(model, batch, spec)
+    final = model.lens(hidden[L])
+    mask = np.asarray(batch.response_mask) > 0
+    a = np.asarray(adv)
+    for l in spec.student_layers:
+        student = model.lens(hidden[l])
+        agree = np.asarray(mx.argmax(student, -1) == mx.argmax(final, -1))
+        js = np.asarray(js_divergence(student, final, 0.8))
+        for suffix, rows in (("", a == a), ("_pos", a > 0), ("_neg", a < 0)):
+            keep = mask & rows[:, None]
+            assert float(stats[f"lens_agree{suffix}_sum/l{l}"]) == agree[keep].sum()
+            np.testing.assert_allclose(float(stats[f"lens_js{suffix}_sum/l{l}"]), js[keep].sum(),
+                                       rtol=1e-4)
+    assert float(stats["tokens_pos"]) == mask[a > 0].sum() and float(stats["tokens_neg"]) == mask[a < 0].sum()

@@ -12,14 +12,20 @@ import numpy as np
 import pytest
 
 import mlx_oisd.rewards.math as math_module
+from mlx_oisd.metrics import read_metrics
 from mlx_oisd.rewards import (
     MathChecker,
+    RewardFailedError,
+    call_batched,
     call_reward,
+    check_first_batch,
     extract_answer,
     format_reward,
     gsm8k_gold,
+    is_batched,
     math_reward,
     resolve_reward,
+    reward_record,
     score_batch,
     strip_thinking,
 )
@@ -60,7 +66,39 @@ def _checker_hook(completion, answer):
     return float(extract_answer(completion) == answer)
 
 
+def _key_error(completion, answer):
+    """Raises KeyError('answer') on an empty completion, as a reward reading a missing column."""
+    return 1.0 if completion else {"question": "q"}["answer"]
+
+
+def _long_error(completion, answer):
+    raise ValueError("9" * 400)
+
+
+def _always_key_error(completion, answer):
+    return {"question": "q"}["answer"]
+
+
+def _trl(prompts, completions, answer, **kwargs):
+    """TRL's batched signature: len(completion) / 10, plus 1 when the question holds the answer.
+    Hangs on a batch holding the completion "hang"; takes 0.8 s on one holding "slow"."""
+    if "hang" in completions or "slow" in completions:
+        time.sleep(3600 if "hang" in completions else 0.8)
+    return [len(c) / 10 + float(a in p) for p, c, a in zip(prompts, completions, answer, strict=True)]
+
+
+def _trl_named(completions, prompts):
+    """Batched, no **kwargs: gets only the arguments it names (no `answer`)."""
+    return np.array([float(len(p)) for p in prompts])
+
+
 NOT_CALLABLE = 3
+
+
+def _kind(scored):
+    """(score, failure kind) of a call_reward result."""
+    score, failure = scored
+    return score, None if failure is None else failure.kind
 
 
 # extraction
@@ -291,7 +329,7 @@ def test_score_batch_sums_weighted_rewards():
     np.testing.assert_allclose(total, [1.5 - 1.0, 0.5 - 1.0, -1.0, -1.0])
     assert total.dtype == np.float32 and total.shape == (4,)
     assert stats["errors/math"] == 0 and stats["timeouts/math"] == 0
-    assert stats["error_types"] == {}
+    assert stats["error_types"] == {} and stats["first_errors"] == {}
 
 
 def test_user_reward_that_raises_scores_zero_and_is_counted():
@@ -303,9 +341,9 @@ def test_user_reward_that_raises_scores_zero_and_is_counted():
 
 
 def test_reward_returning_a_non_number_is_an_error():
-    assert call_reward(_not_a_number, "a", "b") == (0.0, "TypeError")
-    assert call_reward(lambda c, a: True, "a", "b") == (0.0, "TypeError")
-    assert call_reward(_nan, "a", "b") == (0.0, "ValueError")
+    assert _kind(call_reward(_not_a_number, "a", "b")) == (0.0, "TypeError")
+    assert _kind(call_reward(lambda c, a: True, "a", "b")) == (0.0, "TypeError")
+    assert _kind(call_reward(_nan, "a", "b")) == (0.0, "ValueError")
     assert call_reward(lambda c, a: np.float32(0.25), "a", "b") == (0.25, None)
     _, _, stats = score_batch(["a"], ["b"], [(f"{__name__}:_not_a_number", 1.0)])
     assert stats["error_types"] == {f"{__name__}:_not_a_number": {"TypeError": 1}}
@@ -314,7 +352,7 @@ def test_reward_returning_a_non_number_is_an_error():
 def test_rewards_not_finite_in_float32_are_errors():
     """1e300 is a finite double but inf as float32 (the rewards array): an error, scored 0."""
     for value in (1e300, -1e39, float("inf"), float("nan"), np.float64(4e38)):
-        assert call_reward(lambda c, a, v=value: v, "a", "b") == (0.0, "ValueError"), value
+        assert _kind(call_reward(lambda c, a, v=value: v, "a", "b")) == (0.0, "ValueError"), value
     big = float(np.finfo(np.float32).max)
     assert call_reward(lambda c, a: big, "a", "b") == (big, None)
     assert call_reward(lambda c, a: -3e38, "a", "b") == (-3e38, None)
@@ -385,7 +423,7 @@ def test_checker_timeout_scores_zero_and_restarts_the_worker(hook_checker):
     start = time.monotonic()
     scores, stats = hook_checker.score([(r"\boxed{1}", "1"), ("hang", "1"), (r"\boxed{2}", "2")])
     assert scores == [1.0, 0.0, 1.0]
-    assert stats == {"timeouts": 1, "errors": 0, "error_types": {}}
+    assert stats == {"timeouts": 1, "errors": 0, "error_types": {}, "first_error": None}
     assert hook_checker.timeouts == before + 1
     assert time.monotonic() - start < 60
     scores, stats = hook_checker.score([(r"\boxed{12}", "12")])  # still serving
@@ -395,7 +433,10 @@ def test_checker_timeout_scores_zero_and_restarts_the_worker(hook_checker):
 def test_checker_counts_errors_with_their_type(hook_checker):
     scores, stats = hook_checker.score([("raise", "1"), (r"\boxed{3}", "3"), ("raise", "1")])
     assert scores == [0.0, 1.0, 0.0]
+    first = stats.pop("first_error")
     assert stats == {"timeouts": 0, "errors": 2, "error_types": {"ZeroDivisionError": 2}}
+    assert first.message == "ZeroDivisionError: from the hook"
+    assert "in _checker_hook" in first.traceback and "raise ZeroDivisionError" in first.traceback
 
 
 def test_score_batch_routes_math_through_the_checker(hook_checker):
@@ -413,7 +454,7 @@ def test_checker_default_scores_math_reward_and_closes():
         [(r"\boxed{\sqrt{2}/2}", r"\frac{\sqrt2}{2}"), (r"\boxed{1}", "2")]
     )
     assert scores == [1.0, 0.0]
-    assert stats == {"timeouts": 0, "errors": 0, "error_types": {}}
+    assert stats == {"timeouts": 0, "errors": 0, "error_types": {}, "first_error": None}
     checker.close()
     with pytest.raises(RuntimeError, match="closed"):
         checker.score([("a", "b")])
@@ -497,3 +538,117 @@ def test_math500_reference_solutions_score_one():
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     failures = [r["answer"] for r in records if math_reward(r["solution"], r["answer"]) != 1.0]
     assert not failures, failures
+
+
+# batched (TRL-signature) rewards, first errors, and the first-step stop
+
+
+def test_is_batched_tells_the_two_signatures_apart():
+    assert not is_batched(_half) and not is_batched(math_reward) and not is_batched(len)
+    assert is_batched(_trl) and is_batched(_trl_named)
+    assert is_batched(lambda prompts, completions: None)
+    assert is_batched(lambda completion, answer, **kw: None)  # TRL would pass keywords
+
+
+PROMPTS = ["What is 2 + 2?", "What is 2 + 2?", "Name 7.", "Name 7."]
+COMPLETIONS = ["4", "five", "seven!", ""]
+ANSWERS = ["4", "4", "7", "7"]
+
+
+def test_trl_batched_reward_scores_by_hand():
+    expected = [0.1, 0.4, 0.6 + 1.0, 0.0 + 1.0]  # "4" is not in "What is 2 + 2?"; "7" is
+    name = f"{__name__}:_trl"
+    total, per_reward, stats = score_batch(COMPLETIONS, ANSWERS, [(name, 2.0)], prompts=PROMPTS)
+    np.testing.assert_allclose(per_reward[name], expected, rtol=1e-6)
+    np.testing.assert_allclose(total, [2 * v for v in expected], rtol=1e-6)
+    assert stats[f"errors/{name}"] == 0 and stats["first_errors"] == {}
+    named = f"{__name__}:_trl_named"
+    _, per_reward, _ = score_batch(COMPLETIONS, ANSWERS, [(named, 1.0)], prompts=PROMPTS)
+    assert per_reward[named].tolist() == [14.0, 14.0, 7.0, 7.0]
+    with pytest.raises(ValueError, match=f"reward '{re.escape(named)}' is batched"):
+        score_batch(COMPLETIONS, ANSWERS, [(named, 1.0)])
+
+
+@pytest.mark.parametrize("returned, scores, kinds, message", [
+    ([1.0, None, 0.5], [1.0, 0.0, 0.5], [], None),  # None: TRL's "not applicable", no error
+    ([1.0, float("nan"), True], [1.0, 0.0, 0.0], ["ValueError", "TypeError"],
+     "ValueError: reward returned nan, not a finite float32"),
+    ([1.0, 2.0], [0.0] * 3, ["ValueError"] * 3,
+     "ValueError: batched reward returned 2 values for 3 completions"),
+    (0.5, [0.0] * 3, ["TypeError"] * 3,
+     "TypeError: batched reward returned float, expected a list of 3 numbers"),
+])
+def test_batched_reward_results_are_checked(returned, scores, kinds, message):
+    results = call_batched(lambda prompts, completions, **kw: returned, ["p"] * 3, ["c"] * 3,
+                           ["a"] * 3)
+    assert [s for s, _ in results] == scores
+    failures = [f for _, f in results if f is not None]
+    assert [f.kind for f in failures] == kinds
+    if message:
+        assert failures[0].message == message and "Traceback" in failures[0].traceback
+
+
+def test_batched_reward_in_a_worker_scores_and_has_the_whole_batchs_time():
+    """In the worker, the same scores as by hand; at 0.5 s per item a batch of 4 gets 2 s, so
+    a 0.8 s batch passes and a hang times out all four items."""
+    expected = [0.1, 0.4, 0.6 + 1.0, 0.0 + 1.0]
+    with MathChecker(timeout_s=0.5, score_fn=f"{__name__}:_trl") as checker:
+        assert checker.batched
+        scores, stats = checker.score(list(zip(COMPLETIONS, ANSWERS)), PROMPTS)
+        np.testing.assert_allclose(scores, expected, rtol=1e-6)
+        assert stats["errors"] == 0 and stats["timeouts"] == 0
+        scores, stats = checker.score(list(zip(["slow", "", "", ""], ANSWERS)), PROMPTS)
+        np.testing.assert_allclose(scores, [0.4, 0.0, 1.0, 1.0], rtol=1e-6)
+        assert stats["timeouts"] == 0
+        scores, stats = checker.score(list(zip(["hang", "", "", ""], ANSWERS)), PROMPTS)
+        assert scores == [0.0] * 4 and stats["timeouts"] == 4 and stats["errors"] == 0
+        with pytest.raises(ValueError, match="batched .* needs the prompts"):
+            checker.score([("a", "b")])
+
+
+def test_first_error_keeps_type_message_and_traceback_and_names_the_metrics():
+    name = f"{__name__}:_key_error"
+    total, _, stats = score_batch(["x", "", "y", ""], ["1"] * 4, [(name, 1.0), ("format", 1.0)])
+    assert total.tolist() == [1.0, 0.0, 1.0, 0.0]
+    first = stats["first_errors"][name]
+    assert first.kind == "KeyError" and first.message == "KeyError: 'answer'"
+    assert "in _key_error" in first.traceback and first.traceback.startswith("Traceback")
+    assert reward_record(stats) == {
+        f"reward_errors/{name}": 2, f"reward_timeouts/{name}": 0,
+        "reward_errors/format": 0, "reward_timeouts/format": 0,
+        "reward_error_types": {name: {"KeyError": 2}},
+        "reward_first_error": {name: "KeyError: 'answer'"}}
+    check_first_batch(stats, 4)  # some items scored: not broken
+    _, long = call_reward(_long_error, "c", "a")
+    assert len(long.message) == 300 and long.message.startswith("ValueError: 999")
+    assert long.message.endswith("...") and "9" * 400 in long.traceback
+
+
+def test_check_first_batch_stops_a_reward_failing_on_every_item():
+    name = f"{__name__}:_always_key_error"
+    _, _, stats = score_batch(["x", "y"], ["1", "1"], [("format", 1.0), (name, 1.0)])
+    with pytest.raises(RewardFailedError) as info:
+        check_first_batch(stats, 2)
+    text = str(info.value)
+    assert text.startswith(f"reward '{name}' failed on all 2 completions of the first step")
+    assert "KeyError: 'answer'\nTraceback (most recent call last)" in text
+    assert "in _always_key_error" in text
+
+
+def test_a_reward_failing_on_every_item_of_the_first_step_stops_the_run(tmp_path):
+    """Through `oisd-mlx train`: exit 2, the reward's name, message and worker traceback, and no
+    step recorded."""
+    from test_trainer import _config
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    name = f"{__name__}:_always_key_error"
+    cfg = _config(tmp_path, max_steps=2, rewards=[{"name": name}, {"name": "format"}])
+    result = CliRunner().invoke(app, ["train", str(cfg), "--quiet"])
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert (f"error: reward '{name}' failed on all 6 completions of the first step, so it is "
+            "broken rather than unlucky: KeyError: 'answer'") in result.output
+    assert 'in _always_key_error\n    return {"question": "q"}["answer"]' in result.output
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or read_metrics(metrics) == []

@@ -130,3 +130,51 @@ def test_capped_rollout_peak_grows_with_the_cap_not_with_the_batch(make_tiny):
     all_8 = _rollout_peak(model, prompts, 4, 16, cap=8)
     assert abs(two_of_16 - two_of_8) < row  # twice the rows, the same peak
     assert all_8 - two_of_8 > 4 * row  # six more rows decoding: about six more rows of cache
+
+
+def test_top_k_1_sampling_is_greedy(make_tiny):
+    """top_k=1 leaves one token per draw: at temperature 1, with or without row seeds, every
+    completion is the greedy one. A top_k of at least the vocabulary filters nothing."""
+    model, tok, prompts = _capped_cases(make_tiny)
+    greedy = sample(model, prompts, 3, 8, tok.eos_token_ids, temperature=0.0)
+    for seed in (None, 3):
+        mx.random.seed(0)
+        top1 = sample(model, prompts, 3, 8, tok.eos_token_ids, 1.0, top_k=1, seed=seed)
+        assert top1.completions == greedy.completions
+    free = sample(model, prompts, 3, 8, tok.eos_token_ids, 1.0, seed=3)
+    whole = sample(model, prompts, 3, 8, tok.eos_token_ids, 1.0, seed=3, top_k=10_000)
+    assert whole.completions == free.completions and free.completions != greedy.completions
+
+
+PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])  # a fixed next-token distribution
+
+
+def test_min_p_keeps_tokens_above_min_p_times_the_top_probability():
+    """min_p 0.3 keeps p >= 0.3 * 0.4 = 0.12: the first three tokens; the kept log-probs are
+    unchanged, and the result equals mlx-lm's apply_min_p."""
+    from mlx_lm.sample_utils import apply_min_p
+
+    from mlx_oisd.rollout import filter_logprobs
+
+    logp = mx.array(np.log(PROBS)[None].astype(np.float32))
+    out = np.asarray(filter_logprobs(logp, min_p=0.3))[0]
+    keep = PROBS >= 0.3 * PROBS.max()  # independent reference
+    assert keep.tolist() == [True, True, True, False, False, False]
+    np.testing.assert_allclose(out[keep], np.log(PROBS[keep]), rtol=1e-6)
+    assert np.all(np.isneginf(out[~keep]))
+    np.testing.assert_array_equal(out, np.asarray(apply_min_p(logp, 0.3))[0])
+    np.testing.assert_array_equal(np.asarray(filter_logprobs(logp)), np.asarray(logp))  # all off
+
+
+def test_row_sampler_draws_only_from_the_filtered_set():
+    """2,000 seeded draws at temperature 1: min_p 0.3 samples tokens 0-2 in proportion
+    0.4 : 0.25 : 0.15; top_k 2 only tokens 0 and 1."""
+    from mlx_oisd.rollout import row_sampler
+
+    logp = mx.array(np.log(PROBS)[None].astype(np.float32))
+    for kwargs, allowed in (({"min_p": 0.3}, 3), ({"top_k": 2}, 2)):
+        draw = row_sampler(mx.random.key(1), 1.0, 1.0, **kwargs)
+        counts = np.bincount([draw(logp).item() for _ in range(2000)], minlength=len(PROBS))
+        assert counts[allowed:].sum() == 0
+        expected = PROBS[:allowed] / PROBS[:allowed].sum()
+        np.testing.assert_allclose(counts[:allowed] / 2000, expected, atol=0.04)

@@ -16,8 +16,10 @@ runner = CliRunner()
 
 
 def failing_reward(completion, answer):
-    """A user reward that raises on every item (scored 0 and counted)."""
-    raise ZeroDivisionError("boom")
+    """A user reward that raises on the group whose answer is 32 (scored 0 and counted)."""
+    if answer == "32":
+        raise ZeroDivisionError("boom")
+    return 1.0
 
 
 def parity_reward(completion, answer):
@@ -36,11 +38,18 @@ def hanging_reward(completion, answer):
 
 def huge_reward(completion, answer):
     """A finite double that is inf in float32: scored 0 and counted, never trained on."""
-    return 1e300
+    return 1e300 if answer == "32" else 1.0
 
 
 def nan_reward(completion, answer):
-    return float("nan")
+    return float("nan") if answer == "3" else 0.0
+
+
+def _two_prompts(tmp_path):
+    """A dataset of two problems (answers 32 and 3): a step of batch_size 2 holds both."""
+    data = tmp_path / "two.jsonl"
+    data.write_text('{"q": "What is 10 + 22?", "a": 32}\n{"q": "What is 1 + 2?", "a": 3}\n')
+    return {"source": str(data), "prompt_field": "q", "answer_field": "a"}
 
 
 def _config(tmp_path, data_dir=None, name="cfg.yaml", **over):
@@ -134,23 +143,23 @@ def test_resume_after_a_kill_continues_exactly(tmp_path, monkeypatch):
 
 
 def test_a_raising_reward_scores_zero_and_is_counted(tmp_path):
-    cfg = _config(tmp_path, max_steps=1, rewards=[{"name": "format", "weight": 1.0},
-                                                  {"name": "test_trainer:failing_reward"}])
-    _train(cfg)
+    cfg = _config(tmp_path, max_steps=1, dataset=_two_prompts(tmp_path),
+                  rewards=[{"name": "format", "weight": 1.0},
+                           {"name": "test_trainer:failing_reward"}])
+    result = _train(cfg)
     (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert record["rewards/errors/test_trainer:failing_reward"] == 6
-    assert record["reward/test_trainer:failing_reward"] == 0.0
+    assert record["reward_errors/test_trainer:failing_reward"] == 3
+    assert record["reward/test_trainer:failing_reward"] == 0.5
+    assert ("step 1: rewards scored 0 (test_trainer:failing_reward: 3 errors, first "
+            "ZeroDivisionError: boom)") in result.output
 
 
 def test_a_hanging_reward_times_out_scores_zero_and_the_run_goes_on(tmp_path):
-    data = tmp_path / "two.jsonl"
-    data.write_text('{"q": "What is 10 + 22?", "a": 32}\n{"q": "What is 1 + 2?", "a": 3}\n')
     cfg = _config(tmp_path, max_steps=1, reward_timeout=0.3, num_generations=2,
-                  dataset={"source": str(data), "prompt_field": "q", "answer_field": "a"},
-                  rewards=[{"name": "test_trainer:hanging_reward"}])
+                  dataset=_two_prompts(tmp_path), rewards=[{"name": "test_trainer:hanging_reward"}])
     result = _train(cfg)
     (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert record["rewards/timeouts/test_trainer:hanging_reward"] == 2
+    assert record["reward_timeouts/test_trainer:hanging_reward"] == 2
     assert "step 1: rewards scored 0 (test_trainer:hanging_reward: 2 timed out)" in result.output
     assert record["reward"] == 0.5  # the other prompt's two completions scored 1
 
@@ -275,12 +284,14 @@ def _all_finite(path):
 
 def test_rewards_not_finite_in_float32_are_errors_and_are_shown(tmp_path):
     huge, nan = "test_trainer:huge_reward", "test_trainer:nan_reward"
-    result = _train(_config(tmp_path, max_steps=1, rewards=[{"name": huge}, {"name": nan},
-                                                            {"name": "format"}]))
+    result = _train(_config(tmp_path, max_steps=1, dataset=_two_prompts(tmp_path),
+                            rewards=[{"name": huge}, {"name": nan}, {"name": "format"}]))
     (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert record[f"rewards/errors/{huge}"] == record[f"rewards/errors/{nan}"] == 6
-    assert record["reward"] == 0.0 and record["nonfinite"] is False and record["nonfinite_steps"] == 0
-    assert f"step 1: rewards scored 0 ({huge}: 6 ValueError; {nan}: 6 ValueError)" in result.output
+    assert record[f"reward_errors/{huge}"] == record[f"reward_errors/{nan}"] == 3
+    assert record["reward"] == 0.5 and record["nonfinite"] is False and record["nonfinite_steps"] == 0
+    assert (f"step 1: rewards scored 0 ({huge}: 3 errors, first ValueError: reward returned "
+            f"1e+300, not a finite float32; {nan}: 3 errors, first ValueError: reward returned "
+            "nan, not a finite float32)") in result.output
     assert _all_finite(tmp_path / "run" / "adapters" / "adapters.safetensors")
 
 
@@ -406,7 +417,9 @@ def test_a_restart_before_the_first_checkpoint_starts_fresh_metrics(tmp_path, mo
     runs the step-0 eval again, and metrics.jsonl holds each step once."""
     from mlx_oisd import trainer
 
-    cfg = _config(tmp_path, max_steps=2, save_every=0, eval_split="test", eval_samples=2)
+    data = {"source": str(tmp_path / "train.jsonl"), "prompt_field": "q", "answer_field": "a",
+            "eval_source": str(tmp_path / "train.jsonl")}  # a local file is one split
+    cfg = _config(tmp_path, max_steps=2, save_every=0, eval_samples=2, dataset=data)
     real_step = trainer.train_step
 
     def killed_at_2(run, step):

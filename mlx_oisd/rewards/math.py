@@ -24,6 +24,7 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
+from .calls import RewardFailure, Scored
 from .extract import extract_answer, strip_thinking
 
 DEFAULT_SCORE_FN = "mlx_oisd.rewards.math:math_reward"
@@ -93,26 +94,32 @@ def math_reward(completion: str, answer: str) -> float:
 
 
 def _serve(conn, score_fn: str) -> None:
-    """Worker loop: resolve `score_fn`, say "ready", then score each batch it receives.
+    """Worker loop: resolve `score_fn`, say "ready" (and whether it is batched), then score each
+    batch `(prompts, [(completion, answer), ...])` it receives.
 
-    For a batch (list of (completion, answer)) it sends one (score, error_type | None) per item,
-    in order, so the parent can time each item. It exits when the parent closes the pipe.
+    A per-item function gets one `(score, RewardFailure | None)` sent per item, in order, so the
+    parent can time each item; a batched one gets the whole batch and sends one list back. It
+    exits when the parent closes the pipe.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # imported here, in the child: the package's __init__ imports this module
-    from mlx_oisd.rewards import call_reward, resolve_reward
+    from mlx_oisd.rewards import call_batched, call_reward, is_batched, resolve_reward
 
     try:
         fn = resolve_reward(score_fn)
     except ValueError as e:
         conn.send(("failed", str(e)))
         return
-    conn.send(("ready", None))
+    batched = is_batched(fn)
+    conn.send(("ready", batched))
     while True:
         try:
-            batch = conn.recv()
+            prompts, batch = conn.recv()
         except EOFError:
             return
+        if batched:
+            conn.send(call_batched(fn, prompts, [c for c, _ in batch], [a for _, a in batch]))
+            continue
         for completion, answer in batch:
             conn.send(call_reward(fn, completion, answer))
 
@@ -153,7 +160,9 @@ class MathChecker:
     An item that runs over scores 0.0 and adds to `timeouts`; the worker is killed and restarted
     (its start-up, a few seconds of imports, is not charged to any item). An item whose function
     raises scores 0.0 and adds to `errors`; a worker that dies mid-item counts as an error of type
-    "WorkerDied". `score_fn` ("module:function", default `math_reward`) is a test hook.
+    "WorkerDied". `score_fn` is "module:function" (default `math_reward`), per item or batched
+    (TRL's signature, `rewards/calls.py`); a batched one gets the whole batch in one call, under
+    `timeout_s * len(batch)`, and a timeout scores every item of it 0.0.
 
         with MathChecker(timeout_s=5.0) as checker:
             scores, stats = checker.score([(completion, answer), ...])
@@ -183,6 +192,7 @@ class MathChecker:
         self._proc = None
         self._conn = None
         self._closed = False
+        self.batched = False  # set from the worker's "ready": score_fn has TRL's signature
         exit_if_reimported()
         self._start()
 
@@ -210,6 +220,7 @@ class MathChecker:
         if status != "ready":
             self._stop()
             raise ValueError(f"MathChecker score_fn: {message}")
+        self.batched = bool(message)
 
     def _stop(self) -> None:
         if self._conn is not None:
@@ -219,53 +230,90 @@ class MathChecker:
             self._proc.join()
         self._proc = self._conn = None
 
-    def _next_result(self) -> tuple[float, str | None] | str:
-        """The worker's next (score, error_type), or "timeout" / "died"."""
-        if not self._conn.poll(self.timeout_s):
+    def _next_result(self, timeout_s: float):
+        """The worker's next message, or "timeout" / "died"."""
+        if not self._conn.poll(timeout_s):
             return "timeout"
         try:
             return self._conn.recv()
         except EOFError:
             return "died"
 
-    def score(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[float], dict]:
-        """Scores of `pairs` in order, and stats {"timeouts", "errors", "error_types": {type: n}}."""
+    def _died(self) -> RewardFailure:
+        self._proc.join(1.0)  # the exit code is known once the process is reaped
+        code = self._proc.exitcode
+        return RewardFailure("WorkerDied", f"WorkerDied: the reward worker for {self.score_fn!r} "
+                             f"exited while scoring (exit code {code})")
+
+    def score(self, pairs: Sequence[tuple[str, str]],
+              prompts: Sequence[str] | None = None) -> tuple[list[float], dict]:
+        """Scores of `pairs` in order, and stats {"timeouts", "errors", "error_types": {type: n},
+        "first_error": RewardFailure | None}. `prompts` (one per pair) go to a batched score_fn."""
         if self._closed:
             raise RuntimeError("MathChecker is closed")
         pairs = [(str(c), str(a)) for c, a in pairs]
-        scores = [0.0] * len(pairs)
-        error_types = Counter()
-        timeouts = 0
+        if self.batched and prompts is None:
+            raise ValueError(f"reward {self.score_fn!r} is batched (TRL signature): "
+                             "score needs the prompts")
+        prompts = None if prompts is None else [str(p) for p in prompts]
         finished = False
-        i = 0
         try:
-            while i < len(pairs):
-                if self._proc is None:  # killed after a timeout: restart only when needed
-                    self.restarts += 1
-                    self._start()
-                self._conn.send(pairs[i:])
-                while i < len(pairs):
-                    result = self._next_result()
-                    i += 1
-                    if result == "timeout":
-                        timeouts += 1
-                    elif result == "died":
-                        error_types["WorkerDied"] += 1
-                    else:
-                        scores[i - 1], error = result
-                        if error is not None:
-                            error_types[error] += 1
-                        continue
-                    self._stop()  # item i-1 scores 0.0; the rest is sent to a new worker
-                    break
+            if self.batched:
+                results, timeouts = self._score_batched(pairs, prompts)
+            else:
+                results, timeouts = self._score_items(pairs)
             finished = True
         finally:
             if not finished:  # interrupted mid-batch: the worker still holds the rest of it
                 self._stop()
-        errors = sum(error_types.values())
+        failures = [f for _, f in results if f is not None]
+        error_types = Counter(f.kind for f in failures)
         self.timeouts += timeouts
-        self.errors += errors
-        return scores, {"timeouts": timeouts, "errors": errors, "error_types": dict(error_types)}
+        self.errors += len(failures)
+        return [s for s, _ in results], {
+            "timeouts": timeouts, "errors": len(failures), "error_types": dict(error_types),
+            "first_error": failures[0] if failures else None}
+
+    def _score_items(self, pairs: list) -> tuple[list[Scored], int]:
+        """Per-item scoring, each item timed: (results, timeouts)."""
+        results: list[Scored] = [(0.0, None)] * len(pairs)
+        timeouts = i = 0
+        while i < len(pairs):
+            if self._proc is None:  # killed after a timeout: restart only when needed
+                self.restarts += 1
+                self._start()
+            self._conn.send((None, pairs[i:]))
+            while i < len(pairs):
+                result = self._next_result(self.timeout_s)
+                i += 1
+                if result == "timeout":
+                    timeouts += 1
+                elif result == "died":
+                    results[i - 1] = (0.0, self._died())
+                else:
+                    results[i - 1] = result
+                    continue
+                self._stop()  # item i-1 scores 0.0; the rest is sent to a new worker
+                break
+        return results, timeouts
+
+    def _score_batched(self, pairs: list, prompts: list) -> tuple[list[Scored], int]:
+        """One call for the whole batch, under timeout_s per item: (results, timeouts)."""
+        if not pairs:
+            return [], 0
+        if self._proc is None:
+            self.restarts += 1
+            self._start()
+        self._conn.send((prompts, pairs))
+        result = self._next_result(self.timeout_s * max(len(pairs), 1))
+        if result == "timeout":
+            self._stop()
+            return [(0.0, None)] * len(pairs), len(pairs)
+        if result == "died":
+            died = self._died()
+            self._stop()
+            return [(0.0, died)] * len(pairs), 0
+        return result, 0
 
     def close(self) -> None:
         """Stop the worker; `score` raises afterwards."""
