@@ -318,18 +318,25 @@ def _check_latest(pointer: Path) -> None:
              "instead")
 
 
+def weight_mismatch(model: nn.Module, weights: dict, labels=("missing", "unexpected",
+                    "shape (checkpoint vs model)")) -> str | None:
+    """None when `weights` match `model`'s trainable parameters name for name and shape for
+    shape, else what differs ("missing: a, b; shape (...): c (4, 8) vs (8, 8)"), with `labels`
+    naming the three kinds of difference."""
+    params = dict(tree_flatten(model.trainable_parameters()))
+    missing = sorted(set(params) - set(weights))
+    extra = sorted(set(weights) - set(params))
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
+              for k, v in params.items() if k in weights and weights[k].shape != v.shape]
+    found = [(what, names) for what, names in zip(labels, (missing, extra, shapes)) if names]
+    return "; ".join(f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                     for what, names in found) or None
+
+
 def load_checkpoint(ckpt: Checkpoint, model: nn.Module, optimizer) -> dict:
     """Restore trainable weights and optimizer state from a verified checkpoint; return its
     state.json. The tensors must match the model's trainable parameters name for name."""
-    params = dict(tree_flatten(model.trainable_parameters()))
-    missing = sorted(set(params) - set(ckpt.weights))
-    extra = sorted(set(ckpt.weights) - set(params))
-    shapes = [f"{k} {tuple(ckpt.weights[k].shape)} vs {tuple(v.shape)}"
-              for k, v in params.items() if k in ckpt.weights and ckpt.weights[k].shape != v.shape]
-    if missing or extra or shapes:
-        detail = "; ".join(f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                           for what, names in (("missing", missing), ("unexpected", extra),
-                                               ("shape (checkpoint vs model)", shapes)) if names)
+    if detail := weight_mismatch(model, ckpt.weights):
         raise CheckpointError(f"{ckpt.path / 'adapters.safetensors'} does not match the model "
                               f"({detail}); was model or lora changed since this run started?")
     model.load_weights(list(ckpt.weights.items()), strict=False)

@@ -37,15 +37,17 @@ WARMUP = {"iters": 500, "batch_size": 32, "learning_rate": 1e-2, "seed": 0}
 SLOPPY = 0.3  # fraction of warm-up answers given without \\boxed{}
 
 
-def chat_rows(examples, sloppy: float = SLOPPY, seed: int = 0) -> list[dict]:
-    """mlx-lm chat rows: the RL prompt's messages, then the answer as the assistant turn, boxed
-    except in a seeded `sloppy` fraction of the rows."""
+def chat_rows(examples, sloppy: float = SLOPPY, seed: int = 0, worked=None) -> list[dict]:
+    """mlx-lm chat rows: the RL prompt's messages, then the answer as the assistant turn (after
+    `worked(example)`, a worked solution, when given), boxed except in a seeded `sloppy`
+    fraction of the rows."""
     rng = np.random.default_rng(seed)
     rows = []
     for ex in examples:
         answer = ex.answer if rng.random() < sloppy else f"\\boxed{{{ex.answer}}}"
+        steps = worked(ex) if worked else ""
         rows.append({"messages": prompt_messages(ex.prompt) + [
-            {"role": "assistant", "content": EMPTY_THINK + answer}]})
+            {"role": "assistant", "content": EMPTY_THINK + steps + answer}]})
     return rows
 
 
@@ -53,13 +55,19 @@ def _render(row: dict) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in row["messages"])
 
 
-def build_tiny_arith(path: Path) -> Path:
-    """Build, warm up and move the demo model into `path` (complete or absent, never half)."""
-    rows = chat_rows(load_examples(DEMO_TASK, "train"))
+def build_warm_model(path: Path, spec: TinySpec, rows: list[dict], warmup: dict) -> Path:
+    """Build a random model of `spec` (its tokenizer learned from the first rows), fine-tune it
+    on chat `rows` (full fine-tuning, `warmup` = sft's iters / batch_size / learning_rate /
+    seed) and move it into `path`: complete or absent, never half."""
     tmp = path.parent / f".tmp-{path.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    base = build_tiny_model(tmp / "base", SPEC, corpus=[_render(r) for r in rows[:300]])
-    warm = sft(base, rows, tmp / "warm", lora=None, **WARMUP)
+    base = build_tiny_model(tmp / "base", spec, corpus=[_render(r) for r in rows[:300]])
+    warm = sft(base, rows, tmp / "warm", lora=None, **warmup)
     os.replace(warm, path)
     shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def build_tiny_arith(path: Path) -> Path:
+    """Build, warm up and move the demo model into `path`."""
+    return build_warm_model(path, SPEC, chat_rows(load_examples(DEMO_TASK, "train")), WARMUP)

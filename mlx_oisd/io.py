@@ -119,3 +119,15 @@ def read_jsonl(path: str | Path, error: type[Exception] = ValueError):
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The records of a jsonl log this project appends to (metrics.jsonl, completions.jsonl);
+    a torn line (a write killed midway) is skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -102,7 +102,7 @@ def check_safetensors(path: Path) -> None:
                              f"{8 + n + end}; copy or download it again")
 
 
-def _check_adapter_folder(adapter_path: str | Path) -> Path:
+def check_adapter_folder(adapter_path: str | Path) -> Path:
     path = Path(adapter_path).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"adapter folder {str(path)!r} does not exist")
@@ -144,7 +144,7 @@ def load_model(path_or_repo: str | Path, adapter_path: str | Path | None = None,
         check_safetensors(weights)
     model, config = mlx_lm_load_model(model_path, lazy=lazy, get_model_classes=get_model_classes)
     if adapter_path is not None:
-        model = load_adapters(model, str(_check_adapter_folder(adapter_path)))
+        model = load_adapters(model, str(check_adapter_folder(adapter_path)))
         model.eval()
     return model, model_path
 

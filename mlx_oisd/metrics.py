@@ -6,18 +6,12 @@ import time
 from pathlib import Path
 
 from .console import Console
-from .io import append_text, write_text
+from .io import append_text, read_log, write_text
 
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics.jsonl; a torn last line (a killed write) is skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return read_log(path)
 
 
 def run_summary(records: list[dict]) -> dict:

@@ -15,7 +15,7 @@ the dataset has it, without chat template or instruction) and `completion` (the 
 import json
 from pathlib import Path
 
-from .io import append_text, write_text
+from .io import append_text, read_log, write_text
 
 
 def step_rows(step: int, examples, texts: list[str], rewards, per_reward: dict, adv, rollout,
@@ -53,14 +53,8 @@ def eval_rows(first: int, examples, texts: list[str], correct, rollout) -> list[
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The rows of a jsonl file written here; a torn last line (a killed write) is skipped."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    """The rows of a completions / samples jsonl file; a torn last line is skipped."""
+    return read_log(path)
 
 
 def _lines(rows: list[dict]) -> str:

@@ -1,4 +1,4 @@
-"""Supervised warm-up (`oisd-mlx sft`) on mlx-lm's data formats, and RL starting from its adapters.
+"""Supervised warm-up (`oisd-mlx sft`) on mlx-lm's data formats, before RL.
 
 Data is what `mlx_lm.lora --data` reads: a folder with `train.jsonl` (and an optional
 `valid.jsonl`), or one `.jsonl` file. Each file holds one of mlx-lm's formats, detected from its
@@ -15,10 +15,8 @@ With LoRA the result is `out/adapters/` (an mlx-lm adapter folder) next to `out/
 which says what was trained so `oisd-mlx export out/adapters` finds the base model; with full
 fine-tuning (`lora=None`) `out` is a complete model folder that `mlx_oisd.load` reads.
 
-`init_adapter` (config key) starts an RL run from such an adapter folder: `read_init_adapter`
-checks it when the run starts, `init_from_adapter` loads it into the run's LoRA layers (which
-must have the adapter's rank, scale and blocks) or, for full fine-tuning, fuses it into the
-weights.
+`init_adapter` (config key, mlx_oisd/init_adapter.py) starts an RL run from such an adapter
+folder.
 
 The loop is eager on purpose: on a CPU without a tuned BLAS, `mx.compile` of the step (as
 mlx-lm's tuner does) measured slower for the tiny demo model, and shapes vary per batch.
@@ -35,15 +33,12 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import yaml
-from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.lora import LoRALinear
-from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .config import ConfigError
 from .data.prompts import MATH_INSTRUCTION, prompt_messages
 from .io import atomic_write, read_jsonl, write_json, write_text
-from .loading import ModelLoadError, _check_adapter_folder, load_model, tokenizer_for
+from .loading import load_model, tokenizer_for
 from .lora import apply_lora, save_adapters
 from .precision import make_adamw
 
@@ -336,100 +331,3 @@ def sft(model: str | Path, data: "SftData | list[dict]", out_dir: str | Path, it
                         max_seq_length, seed, system_prompt, instruction)
     write_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-@dataclass
-class InitAdapter:
-    """A checked mlx-lm adapter folder an RL run starts from (config key `init_adapter`)."""
-
-    path: Path
-    fine_tune_type: str  # lora or full
-    num_layers: int
-    lora_parameters: dict
-    weights: dict[str, mx.array]
-
-
-def read_init_adapter(path: str | Path) -> InitAdapter:
-    """Check `init_adapter`'s folder (files, config, tensors); ConfigError naming the key."""
-    path = Path(path).expanduser()
-    try:
-        _check_adapter_folder(path)
-    except ModelLoadError as e:
-        peft = " (it looks like a PEFT export: pass the mlx-lm folder it came from, the run's or " \
-               "sft's adapters/)" if (path / "adapter_model.safetensors").is_file() else ""
-        raise ConfigError(f"init_adapter: {e}{peft}") from None
-    config = json.loads((path / "adapter_config.json").read_text())
-    kind = config.get("fine_tune_type", "lora")
-    if kind not in ("lora", "full"):
-        raise ConfigError(f"init_adapter: {path} is a {kind} adapter; expected fine_tune_type "
-                          "lora (or full)")
-    weights = mx.load(str(path / "adapters.safetensors"))
-    return InitAdapter(path, kind, config.get("num_layers", -1),
-                       config.get("lora_parameters") or {}, weights)
-
-
-def lora_mismatches(init: InitAdapter, lora, num_blocks: int) -> list[tuple[str, object, object]]:
-    """The run's `lora` settings (LoraConfig) that differ from the adapter's, as (dotted key,
-    run's value, adapter's value); dropout may differ (it only acts in training)."""
-    p = init.lora_parameters
-    run_layers = num_blocks if lora.num_layers == -1 else lora.num_layers
-    pairs = [("lora.rank", lora.rank, p.get("rank")), ("lora.scale", lora.scale, p.get("scale")),
-             ("lora.num_layers", run_layers, init.num_layers)]
-    return [(k, ours, theirs) for k, ours, theirs in pairs
-            if theirs is None or float(ours) != float(theirs)]
-
-
-def _load_matching(model: nn.Module, init: InitAdapter) -> None:
-    """Load `init.weights` into `model`'s trainable parameters, which they must match name for
-    name and shape for shape."""
-    params = dict(tree_flatten(model.trainable_parameters()))
-    missing = sorted(set(params) - set(init.weights))
-    extra = sorted(set(init.weights) - set(params))
-    shapes = [f"{k} {tuple(init.weights[k].shape)} vs {tuple(v.shape)}"
-              for k, v in params.items() if k in init.weights and init.weights[k].shape != v.shape]
-    if missing or extra or shapes:
-        detail = "; ".join(f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                           for what, names in (("not in the adapter", missing),
-                                               ("not in the run's model", extra),
-                                               ("shape (adapter vs run)", shapes)) if names)
-        keys = init.lora_parameters.get("keys")
-        hint = f"; set lora.keys: {keys} (the adapter's)" if keys else \
-            "; are lora.keys and lora.num_layers the adapter's?"
-        raise ConfigError(f"init_adapter: {init.path / 'adapters.safetensors'} does not match "
-                          f"the run's trainable parameters ({detail}){hint}")
-    model.load_weights(list(init.weights.items()), strict=False)
-
-
-def init_from_adapter(model: nn.Module, init: InitAdapter, lora, num_blocks: int) -> str:
-    """Start the run's `model` from `init`; returns a console note.
-
-    lora (LoraConfig) set: `model` already has its LoRA layers, whose settings must be the
-    adapter's; the adapter's A and B are loaded into them. lora None (full fine-tuning): a LoRA
-    adapter is fused into the weights (mlx-lm's `fuse`), a full one loaded as is; every
-    parameter stays trainable. Raises ConfigError naming `init_adapter` on any mismatch."""
-    if lora is not None:
-        if init.fine_tune_type == "full":
-            raise ConfigError(f"init_adapter: {init.path} holds full fine-tuned weights; start "
-                              "from it with lora: null, or export it fused (oisd-mlx export "
-                              "--format fused) and set model: to that folder")
-        if wrong := lora_mismatches(init, lora, num_blocks):
-            listed = "; ".join(f"{k} is {a}, the adapter's is {b}" for k, a, b in wrong)
-            fix = ", ".join(f"{k}: {b}" for k, _, b in wrong)
-            raise ConfigError(f"init_adapter: the run's LoRA differs from {init.path}'s "
-                              f"({listed}); set {fix} to continue these adapters")
-        _load_matching(model, init)
-        mx.eval(model.parameters())
-        return f"init_adapter: LoRA starts from {init.path}"
-    if init.fine_tune_type == "lora":
-        linear_to_lora_layers(model, init.num_layers, init.lora_parameters)
-        model.freeze()
-        model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
-        _load_matching(model, init)
-        fused = [(n, m.fuse()) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-        model.update_modules(tree_unflatten(fused))
-        model.unfreeze()
-        mx.eval(model.parameters())
-        return f"init_adapter: {init.path} fused into the weights (full fine-tuning)"
-    _load_matching(model, init)
-    mx.eval(model.parameters())
-    return f"init_adapter: weights loaded from {init.path} (full fine-tuning)"

@@ -11,24 +11,19 @@ its answers (no box), so RL with the math reward has a habit to remove and sums 
 study (scripts/study.py) trains GRPO, OISD and its ablations from it with student block 2 (L/3).
 """
 
-import os
-import shutil
 from pathlib import Path
 
-import numpy as np
-
 from .data import load_examples
-from .data.prompts import MATH_INSTRUCTION, prompt_messages
-from .sft import sft
-from .tiny import TinySpec, build_tiny_model
+from .data.prompts import MATH_INSTRUCTION
+from .demo import EMPTY_THINK, build_warm_model, chat_rows
+from .tiny import TinySpec
 
 STUDY_TASK = "builtin:arith?digits=1&terms=3&n=600&n_test=100"
-EMPTY_THINK = "<think>\n\n</think>\n\n"
 SPEC = TinySpec(
     num_layers=6, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
     tokenizer_vocab=300, added_tokens=(MATH_INSTRUCTION, EMPTY_THINK, "\\boxed{", "What is"),
 )
-WARMUP = {"iters": 300, "batch_size": 32, "learning_rate": 1e-2, "seed": 0}
+WARMUP = {"iters": 1000, "batch_size": 32, "learning_rate": 1e-2, "seed": 0}
 SLOPPY = 0.3  # fraction of warm-up answers given without \\boxed{}
 
 
@@ -43,30 +38,8 @@ def worked_answer(question: str) -> str:
     return ", ".join(steps) + ", "
 
 
-def chat_rows(examples, sloppy: float = SLOPPY, seed: int = 0) -> list[dict]:
-    """mlx-lm chat rows: the RL prompt's messages, then the worked answer, boxed except in a
-    seeded `sloppy` fraction of the rows."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for ex in examples:
-        final = ex.answer if rng.random() < sloppy else f"\\boxed{{{ex.answer}}}"
-        rows.append({"messages": prompt_messages(ex.prompt) + [
-            {"role": "assistant", "content": EMPTY_THINK + worked_answer(ex.prompt)
-             + final}]})
-    return rows
-
-
-def _render(row: dict) -> str:
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in row["messages"])
-
-
 def build_study_arith(path: Path, warmup: dict = WARMUP) -> Path:
-    """Build, warm up and move the study model into `path` (complete or absent, never half)."""
-    rows = chat_rows(load_examples(STUDY_TASK, "train"))
-    tmp = path.parent / f".tmp-{path.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    base = build_tiny_model(tmp / "base", SPEC, corpus=[_render(r) for r in rows[:300]])
-    warm = sft(base, rows, tmp / "warm", lora=None, show_progress=False, **warmup)
-    os.replace(warm, path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    """Build, warm up and move the study model into `path`."""
+    rows = chat_rows(load_examples(STUDY_TASK, "train"), SLOPPY,
+                     worked=lambda ex: worked_answer(ex.prompt))
+    return build_warm_model(path, SPEC, rows, {**warmup, "show_progress": False})

@@ -22,8 +22,9 @@ import numpy as np
 import yaml
 from mlx.utils import tree_flatten, tree_map
 
-from .advantages import group_advantages, keep_rows, zero_std_groups
+from .advantages import group_advantages, keep_rows, overlong_penalty
 from .checkpoint import load_checkpoint, open_checkpoints, save_checkpoint
+from .collect import collect
 from .config import (
     ConfigError,
     TrainConfig,
@@ -41,6 +42,7 @@ from .data.sampler import PromptSampler
 from .data.sources import load_examples
 from .evaluate import avg_at_k
 from .export import publish_run
+from .init_adapter import init_from_adapter, read_init_adapter
 from .loading import load_model, tokenizer_for
 from .lora import apply_lora, lora_parameters
 from .memory import plan_run, read_model_config, set_memory_limits
@@ -49,12 +51,11 @@ from .objective import LossSpec, ObjectiveGrad, policy_logprobs
 from .plot import plot_metrics
 from .precision import make_adamw
 from .reference import frozen_copy, reference_policy
-from .rewards import MathChecker, check_first_batch, resolve_reward, reward_record, score_batch
+from .rewards import MathChecker, resolve_reward, reward_record
 from .rewards.math import DEFAULT_SCORE_FN, exit_if_reimported
-from .rollout import Batch, pack, sample
+from .rollout import Batch, pack
 from .runlock import RunLock
 from .samples import CompletionsLog, step_rows
-from .sft import init_from_adapter, read_init_adapter
 from .signals import StopSignals
 from .tracking import Tracker, check_installed
 
@@ -376,51 +377,40 @@ def train_step(run: Run, step: int) -> dict:
     G = cfg.num_generations
     t0 = time.perf_counter()
     mx.reset_peak_memory()
-    rows = run.sampler.next_batch()
-    examples = [run.examples[i] for i in rows]
-    prompts = [run.prompts[i] for i in rows]
     mx.random.seed(cfg.seed * 1_000_003 + step)
-    model.eval()
-    rollout = sample(model, prompts, G, cfg.max_completion_length, tok.eos_token_ids,
-                     cfg.temperature, cfg.top_p, batch_size=cfg.rollout_batch_size,
-                     top_k=cfg.top_k, min_p=cfg.min_p)
+    scored = collect(run, first_step=step == run.start_step + 1)
+    rollout, rewards = scored.rollout, scored.rewards
     t_rollout = time.perf_counter() - t0
 
-    texts = [tok.decode(c) for c in rollout.completions]
-    answers = [ex.answer for ex in examples for _ in range(G)]
-    specs = [(r.name, r.weight) for r in cfg.rewards]
-    questions = [ex.prompt for ex in examples for _ in range(G)]
-    rewards, per_reward, reward_stats = score_batch(texts, answers, specs, run.workers, questions)
-    if step == run.start_step + 1:  # a reward failing on every item is broken: stop here
-        check_first_batch(reward_stats, len(texts))
-    adv = group_advantages(rewards, G, cfg.advantage)
-    run.samples = step_rows(step, examples, texts, rewards, per_reward, adv, rollout,
-                            cfg.log_completions)
-    batch = pack(rollout, tok.pad_token_id if tok.pad_token_id is not None else 0, cfg.mask_truncated,
-                 bucket=32 if cfg.compile else 1)
-    if cfg.filter_zero_std_groups:
-        batch, adv = select_rows(batch, adv, keep_rows(rewards, G))
-
+    lengths = np.array([len(c) for c in rollout.completions])
+    shaping = overlong_penalty(lengths, cfg.max_completion_length, cfg.overlong_buffer_len,
+                               cfg.overlong_penalty)
+    adv = group_advantages(rewards + shaping, G, cfg.advantage)
+    run.samples = step_rows(step, scored.examples, scored.texts, rewards, scored.per_reward, adv,
+                            rollout, cfg.log_completions)
+    keep = keep_rows(rewards, G) if cfg.filter_zero_std_groups else np.ones(len(adv), bool)
     t1 = time.perf_counter()
-    spec = replace(run.spec, bupo_active=step <= cfg.bupo.internal_steps)
-    stats = (update(model, run.optimizer, run.grad_fn, batch, mx.array(adv), spec, cfg,
-                    run.reference) if len(adv) else {})
+    stats, train_tokens = {}, 0.0
+    if keep.any():
+        batch = pack(rollout, tok.pad_token_id if tok.pad_token_id is not None else 0,
+                     cfg.mask_truncated, bucket=32 if cfg.compile else 1)
+        batch, adv_kept = select_rows(batch, adv, keep) if not keep.all() else (batch, adv)
+        spec = replace(run.spec, bupo_active=step <= cfg.bupo.internal_steps)
+        stats = update(model, run.optimizer, run.grad_fn, batch, mx.array(adv_kept), spec, cfg,
+                       run.reference)
+        train_tokens = float(batch.response_mask.sum().item())
     nonfinite = stats.pop("nonfinite", False)
     run.nonfinite_steps += nonfinite
     t_train = time.perf_counter() - t1
 
-    lengths = np.array([len(c) for c in rollout.completions])
-    train_tokens = float(batch.response_mask.sum().item()) if len(adv) else 0.0
     return {
         "step": step,
-        "reward": float(rewards.mean()),
-        "reward_std": float(rewards.std()),
-        **{f"reward/{k}": float(v.mean()) for k, v in per_reward.items()},
-        **reward_record(reward_stats),
-        "frac_zero_std_groups": float(zero_std_groups(rewards, G).mean()),
-        "completion_len_mean": float(lengths.mean()),
-        "completion_len_max": int(lengths.max()),
-        "truncated_frac": float(np.mean(rollout.truncated)),
+        **reward_metrics(scored, shaping, cfg),
+        **reward_record(scored.stats),
+        "frac_zero_std_groups": scored.drawn_zero_std / max(scored.drawn, 1),
+        "completion_len_mean": float(lengths.mean()) if len(lengths) else 0.0,
+        "completion_len_max": int(lengths.max()) if len(lengths) else 0,
+        "truncated_frac": float(np.mean(rollout.truncated)) if len(lengths) else 0.0,
         **stats,
         "nonfinite": nonfinite,
         "nonfinite_steps": run.nonfinite_steps,
@@ -431,6 +421,24 @@ def train_step(run: Run, step: int) -> dict:
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "step_time": time.perf_counter() - t0,
     }
+
+
+def reward_metrics(scored, shaping: np.ndarray, cfg: TrainConfig) -> dict:
+    """reward (mean / std of the trained rows' raw rewards) and each reward's mean; with dynamic
+    sampling, the rounds drawn, the groups found and the mean over every row drawn; with
+    overlong shaping, its mean."""
+    r = scored.rewards
+    out = {"reward": float(r.mean()) if len(r) else float("nan"),
+           "reward_std": float(r.std()) if len(r) else float("nan"),
+           **{f"reward/{k}": float(v.mean()) if len(v) else float("nan")
+              for k, v in scored.per_reward.items()}}
+    if cfg.dynamic_sampling:
+        out["sampling_rounds"] = scored.rounds
+        out["dynamic_groups"] = len(scored.examples)
+        out["reward_drawn"] = scored.drawn_reward_sum / max(scored.drawn * cfg.num_generations, 1)
+    if cfg.overlong_buffer_len:
+        out["reward/overlong"] = float(shaping.mean()) if len(shaping) else 0.0
+    return out
 
 
 def select_rows(batch: Batch, adv: np.ndarray, keep: np.ndarray):

@@ -274,6 +274,7 @@ def test_plan_command_prints_a_table_and_json(tmp_path, make_tiny):
 def test_train_resolves_auto_from_the_plan_and_caps_its_rollouts(tmp_path, monkeypatch):
     """A budget that holds two decoding rows: `auto` becomes 2, every rollout of the run is
     capped at 2 rows, the resolved value is saved, and the plan is among the start-up notes."""
+    import mlx_oisd.collect as collect_module
     import mlx_oisd.trainer as trainer
 
     raw = {"model": "builtin:tiny", "output_dir": str(tmp_path / "run"),
@@ -290,7 +291,7 @@ def test_train_resolves_auto_from_the_plan_and_caps_its_rollouts(tmp_path, monke
         caps.append(kwargs["batch_size"])
         return sample(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "sample", recording_sample)
+    monkeypatch.setattr(collect_module, "sample", recording_sample)
     run = trainer.train(cfg, show_progress=False)
     assert run.cfg.rollout_batch_size == 2 and caps == [2]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["rollout_batch_size"] == 2

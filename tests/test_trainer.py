@@ -491,3 +491,28 @@ def test_a_script_calling_train_without_main_guard_is_told_the_fix(tmp_path):
     assert f"{script} starts training when it is imported" in result.stderr
     assert 'put the call under if __name__ == "__main__":' in result.stderr
     assert "RunLocked" not in result.stderr  # the worker stopped before touching output_dir
+
+
+def test_loss_spec_carries_the_method_options():
+    """GSPO's own clip range replaces epsilon / epsilon_high at sequence level; bupo.lens_norm
+    and oisd.head_grad reach the objective."""
+    from mlx_oisd.config import validate
+    from mlx_oisd.trainer import loss_spec
+
+    base = {"model": "x", "dataset": {"source": "x.jsonl"}}
+    token = loss_spec(validate(base))
+    assert (token.importance_sampling_level, token.epsilon, token.epsilon_high) == ("token", 0.2, 0.28)
+    assert token.head_grad and not token.bupo_lens_norm  # BuPO's code reads h^l without the norm
+    seq = loss_spec(validate({**base, "importance_sampling_level": "sequence",
+                              "sequence_epsilon": 1e-3, "bupo": {"lens_norm": True},
+                              "oisd": {"head_grad": False}}))
+    assert (seq.importance_sampling_level, seq.epsilon, seq.epsilon_high) == ("sequence", 1e-3, 4e-4)
+    assert seq.bupo_lens_norm and not seq.head_grad
+
+
+def test_a_gspo_run_trains(tmp_path):
+    _train(_config(tmp_path, importance_sampling_level="sequence", max_steps=2,
+                   loss_agg="seq_mean_token_mean"))
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
+    assert all(r["ratio_mean"] == 1.0 and np.isfinite(r["loss"]) for r in records)
+    assert "lens_agree/l1" in records[-1] and 0 <= records[-1]["lens_agree/l1"] <= 1

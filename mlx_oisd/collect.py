@@ -1,0 +1,113 @@
+"""One step's scored rollouts: B prompts x G completions sampled from the acting policy (the final
+layer), decoded and scored (DESIGN.md section 1), and DAPO's dynamic sampling.
+
+`collect` draws one round of `batch_size` prompts, or with `dynamic_sampling` keeps drawing
+rounds of `batch_size` prompts until `batch_size` groups hold rewards that differ (the raw
+weighted reward: groups with equal rewards have zero advantage and teach nothing), at most
+`max_sampling_rounds`; the step then trains on the groups found (fewer than `batch_size` when
+the rounds ran out, reported). Every round advances the prompt sampler, whose state the
+checkpoint keeps, and the RNG stream seeded once per step, so a resumed run draws the same.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from .advantages import zero_std_groups
+from .rewards import check_first_batch, score_batch
+from .rollout import Rollout, sample
+
+
+@dataclass
+class Scored:
+    """Scored rollouts of B prompts; row g*G + j is the j-th completion of prompt g."""
+
+    examples: list  # [B] the prompts' examples (.prompt, .answer)
+    rollout: Rollout  # B prompts, B*G completions
+    texts: list[str]  # [B*G] decoded completions
+    rewards: np.ndarray  # [B*G] float32 weighted sum of the rewards
+    per_reward: dict[str, np.ndarray]  # name -> [B*G] unweighted
+    stats: dict  # score_batch's stats, counts added over rounds
+    drawn: int  # groups sampled over every round
+    drawn_zero_std: int  # of which had equal rewards
+    drawn_reward_sum: float  # sum of the rewards of every row sampled
+    rounds: int = 1
+
+    def groups(self, idx) -> "Scored":
+        """The groups `idx` (prompt indices) only; the drawn counts unchanged."""
+        G = self.rollout.group_size
+        rows = [g * G + j for g in idx for j in range(G)]
+        r = self.rollout
+        rollout = Rollout([r.prompts[g] for g in idx], [r.completions[i] for i in rows],
+                          [r.truncated[i] for i in rows], G)
+        return Scored([self.examples[g] for g in idx], rollout, [self.texts[i] for i in rows],
+                      self.rewards[rows], {k: v[rows] for k, v in self.per_reward.items()},
+                      self.stats, self.drawn, self.drawn_zero_std, self.drawn_reward_sum,
+                      self.rounds)
+
+
+def merge(parts: list[Scored]) -> Scored:
+    """The groups of every part, in order; stats and drawn counts added, first errors kept."""
+    if len(parts) == 1:
+        return parts[0]
+    G = parts[0].rollout.group_size
+    stats = {"error_types": {}, "first_errors": {}}
+    for p in parts:
+        for key, value in p.stats.items():
+            if key == "error_types":
+                for name, kinds in value.items():
+                    stats[key][name] = dict(Counter(stats[key].get(name, {})) + Counter(kinds))
+            elif key == "first_errors":
+                stats[key] = {**value, **stats[key]}
+            else:
+                stats[key] = stats.get(key, 0) + value
+    rollout = Rollout([q for p in parts for q in p.rollout.prompts],
+                      [c for p in parts for c in p.rollout.completions],
+                      [t for p in parts for t in p.rollout.truncated], G)
+    return Scored([e for p in parts for e in p.examples], rollout,
+                  [t for p in parts for t in p.texts],
+                  np.concatenate([p.rewards for p in parts]),
+                  {k: np.concatenate([p.per_reward[k] for p in parts]) for k in parts[0].per_reward},
+                  stats, sum(p.drawn for p in parts), sum(p.drawn_zero_std for p in parts),
+                  sum(p.drawn_reward_sum for p in parts), len(parts))
+
+
+def draw(run, first_step: bool) -> Scored:
+    """Sample and score the sampler's next `batch_size` prompts. A reward failing on every item
+    of a run's first step raises RewardFailedError (`first_step`)."""
+    cfg, tok, G = run.cfg, run.tokenizer, run.cfg.num_generations
+    rows = run.sampler.next_batch()
+    examples = [run.examples[i] for i in rows]
+    run.model.eval()
+    rollout = sample(run.model, [run.prompts[i] for i in rows], G, cfg.max_completion_length,
+                     tok.eos_token_ids, cfg.temperature, cfg.top_p,
+                     batch_size=cfg.rollout_batch_size, top_k=cfg.top_k, min_p=cfg.min_p)
+    texts = [tok.decode(c) for c in rollout.completions]
+    rewards, per_reward, stats = score_batch(
+        texts, [ex.answer for ex in examples for _ in range(G)],
+        [(r.name, r.weight) for r in cfg.rewards], run.workers,
+        [ex.prompt for ex in examples for _ in range(G)])
+    if first_step:
+        check_first_batch(stats, len(texts))
+    zero = int(zero_std_groups(rewards, G).sum())
+    return Scored(examples, rollout, texts, rewards, per_reward, stats, len(rows), zero,
+                  float(rewards.sum()))
+
+
+def collect(run, first_step: bool) -> Scored:
+    """One round (`dynamic_sampling: false`), or rounds until `batch_size` groups with
+    differing rewards are found (at most `max_sampling_rounds`; see the module docstring)."""
+    cfg = run.cfg
+    if not cfg.dynamic_sampling:
+        return draw(run, first_step)
+    parts, found = [], 0
+    for round_ in range(cfg.max_sampling_rounds):
+        scored = draw(run, first_step and round_ == 0)
+        keep = np.flatnonzero(~zero_std_groups(scored.rewards, cfg.num_generations))
+        keep = keep[:cfg.batch_size - found]
+        parts.append(scored.groups(keep))
+        found += len(keep)
+        if found == cfg.batch_size:
+            break
+    return merge(parts)
