@@ -14,6 +14,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},  # every command, as mlx-lm's
+    rich_markup_mode=None,  # plain click help: flags show no value (rich shows `<bool>`)
 )
 
 
@@ -47,7 +48,7 @@ def _fail(e: Exception):
 @app.command()
 def train(
     config: Path = typer.Argument(None, help="YAML recipe (see configs/).", show_default=False),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: --set oisd.tau=0.5 (YAML value)."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a key: --set oisd.tau=0.5 (YAML value)."),
     print_config: bool = typer.Option(False, "--print-config", metavar="", help="Print every "
                                       "config key (type, default, meaning) and exit."),
     resume: bool = typer.Option(False, "--resume", metavar="",

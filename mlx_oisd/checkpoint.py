@@ -41,8 +41,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import yaml
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .config import ConfigError, TrainConfig, config_diff, run_changes, to_dict, validate
 from .io import DiskFullError, atomic_write, temp_files, write_json, write_text
 from .lora import save_adapters
 
@@ -343,3 +345,27 @@ def load_checkpoint(ckpt: Checkpoint, model: nn.Module, optimizer) -> dict:
     optimizer.state = tree_unflatten(list(ckpt.optimizer.items()))
     mx.eval(model.parameters(), optimizer.state)
     return ckpt.state
+
+
+def resume_notes(path: Path, cfg: TrainConfig) -> list[str]:
+    """Compare `cfg` with the checkpoint's config.yaml at `path`: raise ConfigError listing the
+    keys that change the run (shapes, data, objective); return a note per harmless change."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--resume: cannot read the checkpoint's config {path} ({e})") from None
+    try:
+        old = to_dict(validate(raw, str(path)))  # defaults of keys newer than the checkpoint
+    except ConfigError:
+        old = raw if isinstance(raw, dict) else {}
+    diff = config_diff(old, to_dict(cfg))
+    changes = run_changes(diff)
+    if changes:
+        listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in changes)
+        raise ConfigError(f"--resume: the config differs from the checkpoint's in keys that "
+                          f"change the run: {listed}; start a new output_dir or restore them")
+    return [f"--resume: {k} changed {_show(a)} -> {_show(b)}" for k, a, b in diff]
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value)

@@ -111,3 +111,21 @@ def collect(run, first_step: bool) -> Scored:
         if found == cfg.batch_size:
             break
     return merge(parts)
+
+
+def reward_metrics(scored: Scored, shaping: np.ndarray, cfg) -> dict:
+    """reward (mean / std of the trained rows' raw rewards) and each reward's mean; with dynamic
+    sampling, the rounds drawn, the groups found and the mean over every row drawn; with
+    overlong shaping, its mean."""
+    r = scored.rewards
+    out = {"reward": float(r.mean()) if len(r) else float("nan"),
+           "reward_std": float(r.std()) if len(r) else float("nan"),
+           **{f"reward/{k}": float(v.mean()) if len(v) else float("nan")
+              for k, v in scored.per_reward.items()}}
+    if cfg.dynamic_sampling:
+        out["sampling_rounds"] = scored.rounds
+        out["dynamic_groups"] = len(scored.examples)
+        out["reward_drawn"] = scored.drawn_reward_sum / max(scored.drawn * cfg.num_generations, 1)
+    if cfg.overlong_buffer_len:
+        out["reward/overlong"] = float(shaping.mean()) if len(shaping) else 0.0
+    return out

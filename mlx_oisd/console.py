@@ -188,3 +188,38 @@ class Console:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+REPEAT_ERROR_EVERY = 10  # steps before the same first-error message of a reward shows again
+
+
+def step_report(record: dict, streak: int, shown: dict | None = None) -> list[str]:
+    """Console lines for a step: rewards that failed (with their first error's message) or timed
+    out (scored 0), a skipped update. `shown` {(reward, message): step} is updated in place so
+    a message repeats at most once per REPEAT_ERROR_EVERY steps; counts show every step."""
+    step, shown = record["step"], {} if shown is None else shown
+    first = record.get("reward_first_error", {})
+    failed = []
+    for name, types in record.get("reward_error_types", {}).items():
+        key = (name, first.get(name))
+        if key[1] is not None and step - shown.get(key, -REPEAT_ERROR_EVERY) >= REPEAT_ERROR_EVERY:
+            shown[key] = step
+            failed.append(f"{name}: {sum(types.values())} errors, first {key[1]}")
+        else:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in types.items())
+            failed.append(f"{name}: {sum(types.values())} errors ({kinds})")
+    failed += [f"{key.removeprefix('reward_timeouts/')}: {n} timed out"
+               for key, n in record.items() if key.startswith("reward_timeouts/") and n]
+    lines = [f"step {step}: rewards scored 0 ({'; '.join(failed)})"] if failed else []
+    if record["nonfinite"]:
+        lines.append(f"step {step}: non-finite loss or gradients, update skipped ({streak} in a "
+                     f"row, {record['nonfinite_steps']} in the run)")
+    return lines
+
+
+def nonfinite_message(streak: int, step: int, saved: int | None) -> str:
+    kept, then = ((f"the last good checkpoint is step {saved}", "continue with --resume")
+                  if saved else ("no checkpoint was written", "start again"))
+    return (f"{streak} steps in a row had non-finite loss or gradients (last at step {step}); "
+            f"stopped, {kept}; lower learning_rate (or max_grad_norm), check the rewards for "
+            f"huge values, then {then}")

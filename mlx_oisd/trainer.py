@@ -23,20 +23,17 @@ import yaml
 from mlx.utils import tree_flatten, tree_map
 
 from .advantages import group_advantages, keep_rows, overlong_penalty
-from .checkpoint import load_checkpoint, open_checkpoints, save_checkpoint
-from .collect import collect
+from .checkpoint import load_checkpoint, open_checkpoints, resume_notes, save_checkpoint
+from .collect import collect, reward_metrics
 from .config import (
     ConfigError,
     TrainConfig,
-    config_diff,
     hub_repo,
     quantize_problem,
-    run_changes,
     save_config,
     to_dict,
-    validate,
 )
-from .console import banner_lines, model_summary
+from .console import banner_lines, model_summary, nonfinite_message, step_report
 from .data.prompts import PromptFormat, render_examples
 from .data.sampler import PromptSampler
 from .data.sources import load_examples
@@ -208,30 +205,6 @@ def _setup(cfg: TrainConfig, resume: bool, out_dir: Path) -> Run:
     return run
 
 
-def resume_notes(path: Path, cfg: TrainConfig) -> list[str]:
-    """Compare `cfg` with the checkpoint's config.yaml at `path`: raise ConfigError listing the
-    keys that change the run (shapes, data, objective); return a note per harmless change."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"--resume: cannot read the checkpoint's config {path} ({e})") from None
-    try:
-        old = to_dict(validate(raw, str(path)))  # defaults of keys newer than the checkpoint
-    except ConfigError:
-        old = raw if isinstance(raw, dict) else {}
-    diff = config_diff(old, to_dict(cfg))
-    changes = run_changes(diff)
-    if changes:
-        listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in changes)
-        raise ConfigError(f"--resume: the config differs from the checkpoint's in keys that "
-                          f"change the run: {listed}; start a new output_dir or restore them")
-    return [f"--resume: {k} changed {_show(a)} -> {_show(b)}" for k, a, b in diff]
-
-
-def _show(value) -> str:
-    return "null" if value is None else str(value)
-
-
 def reward_workers(cfg: TrainConfig) -> dict[str, MathChecker]:
     """`math` and every user reward run in a worker process that a hang cannot freeze; the
     built-in `format` reward is a regex and runs in-process."""
@@ -311,41 +284,6 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     return run
 
 
-REPEAT_ERROR_EVERY = 10  # steps before the same first-error message of a reward shows again
-
-
-def step_report(record: dict, streak: int, shown: dict | None = None) -> list[str]:
-    """Console lines for a step: rewards that failed (with their first error's message) or timed
-    out (scored 0), a skipped update. `shown` {(reward, message): step} is updated in place so
-    a message repeats at most once per REPEAT_ERROR_EVERY steps; counts show every step."""
-    step, shown = record["step"], {} if shown is None else shown
-    first = record.get("reward_first_error", {})
-    failed = []
-    for name, types in record.get("reward_error_types", {}).items():
-        key = (name, first.get(name))
-        if key[1] is not None and step - shown.get(key, -REPEAT_ERROR_EVERY) >= REPEAT_ERROR_EVERY:
-            shown[key] = step
-            failed.append(f"{name}: {sum(types.values())} errors, first {key[1]}")
-        else:
-            kinds = ", ".join(f"{n} {kind}" for kind, n in types.items())
-            failed.append(f"{name}: {sum(types.values())} errors ({kinds})")
-    failed += [f"{key.removeprefix('reward_timeouts/')}: {n} timed out"
-               for key, n in record.items() if key.startswith("reward_timeouts/") and n]
-    lines = [f"step {step}: rewards scored 0 ({'; '.join(failed)})"] if failed else []
-    if record["nonfinite"]:
-        lines.append(f"step {step}: non-finite loss or gradients, update skipped ({streak} in a "
-                     f"row, {record['nonfinite_steps']} in the run)")
-    return lines
-
-
-def nonfinite_message(streak: int, step: int, saved: int | None) -> str:
-    kept, then = ((f"the last good checkpoint is step {saved}", "continue with --resume")
-                  if saved else ("no checkpoint was written", "start again"))
-    return (f"{streak} steps in a row had non-finite loss or gradients (last at step {step}); "
-            f"stopped, {kept}; lower learning_rate (or max_grad_norm), check the rewards for "
-            f"huge values, then {then}")
-
-
 def evaluate(run: Run) -> float:
     """Held-out Avg@k of the acting policy at the training temperature."""
     cfg = run.cfg
@@ -421,24 +359,6 @@ def train_step(run: Run, step: int) -> dict:
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "step_time": time.perf_counter() - t0,
     }
-
-
-def reward_metrics(scored, shaping: np.ndarray, cfg: TrainConfig) -> dict:
-    """reward (mean / std of the trained rows' raw rewards) and each reward's mean; with dynamic
-    sampling, the rounds drawn, the groups found and the mean over every row drawn; with
-    overlong shaping, its mean."""
-    r = scored.rewards
-    out = {"reward": float(r.mean()) if len(r) else float("nan"),
-           "reward_std": float(r.std()) if len(r) else float("nan"),
-           **{f"reward/{k}": float(v.mean()) if len(v) else float("nan")
-              for k, v in scored.per_reward.items()}}
-    if cfg.dynamic_sampling:
-        out["sampling_rounds"] = scored.rounds
-        out["dynamic_groups"] = len(scored.examples)
-        out["reward_drawn"] = scored.drawn_reward_sum / max(scored.drawn * cfg.num_generations, 1)
-    if cfg.overlong_buffer_len:
-        out["reward/overlong"] = float(shaping.mean()) if len(shaping) else 0.0
-    return out
 
 
 def select_rows(batch: Batch, adv: np.ndarray, keep: np.ndarray):

@@ -155,6 +155,7 @@ def test_dash_h_on_every_command():
     for name in [None, *commands]:
         result = runner.invoke(app, ([name] if name else []) + ["-h"])
         assert result.exit_code == 0 and "Usage" in result.output, (name, result.output)
+        assert "<bool>" not in result.output, (name, result.output)  # flags take no value
 
 
 class Recorder:

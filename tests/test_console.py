@@ -10,15 +10,16 @@ from typer.testing import CliRunner
 from cli.main import app
 from mlx_oisd.config import validate
 from mlx_oisd.console import (
+    REPEAT_ERROR_EVERY,
     Console,
     banner_lines,
     duration,
     model_summary,
     progress_line,
     progress_mode,
+    step_report,
 )
 from mlx_oisd.metrics import MetricsWriter, read_metrics
-from mlx_oisd.trainer import REPEAT_ERROR_EVERY, step_report
 
 runner = CliRunner()
 PROGRESS = re.compile(r"^step (\d+)/(\d+) \| reward ")
