@@ -79,6 +79,7 @@ def train(
     from mlx_oisd.checkpoint import CheckpointError
     from mlx_oisd.config import ConfigError, load_config
     from mlx_oisd.data.sources import DataError
+    from mlx_oisd.distributed import PeerLost
     from mlx_oisd.io import DiskFullError
     from mlx_oisd.loading import ModelLoadError
     from mlx_oisd.rewards import RewardFailedError
@@ -92,11 +93,16 @@ def train(
     except (ConfigError, ModelLoadError, DataError, CheckpointError, RunLockedError,
             DiskFullError, RewardFailedError) as e:
         _fail(e)
+    except PeerLost as e:  # another rank died; this one's checkpoints are intact
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3) from None
     except TrainingStopped as e:  # a signal or non-finite updates; the good state is saved
         typer.echo(str(e), err=True)
         raise typer.Exit(e.exit_code) from None
     from mlx_oisd.metrics import read_metrics, run_summary
 
+    if not run.world.main:  # data-parallel: rank 0 reports
+        return
     out = run.out_dir
     for key, v in run_summary(read_metrics(out / "metrics.jsonl")).items():
         typer.echo(f"{key:>20}: {v['first']:.4g} (step {v['first_step']}) -> "

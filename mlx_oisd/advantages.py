@@ -67,7 +67,7 @@ def keep_rows(rewards, group_size: int) -> np.ndarray:
     return np.repeat(~zero_std_groups(rewards, group_size), group_size)
 
 
-def group_advantages(rewards, group_size: int, estimator: str = "grpo") -> np.ndarray:
+def group_advantages(rewards, group_size: int, estimator: str = "grpo", all_sum=None) -> np.ndarray:
     """Advantages A [N] from rewards [N] grouped contiguously in groups of G.
 
     See the module docstring for each estimator's equation. Zero-std groups get exactly 0.
@@ -76,6 +76,8 @@ def group_advantages(rewards, group_size: int, estimator: str = "grpo") -> np.nd
         rewards: [N] rewards (list, numpy or mx array), N = num_prompts * G.
         group_size: G, completions per prompt (>= 2).
         estimator: one of "grpo", "dr_grpo", "rloo", "reinforce_pp".
+        all_sum: with several ranks, sums a host array across them (`World.all_sum`), so
+            `reinforce_pp` whitens over the global batch; None: this batch is the whole batch.
     Returns:
         float32 numpy [N].
     """
@@ -91,8 +93,17 @@ def group_advantages(rewards, group_size: int, estimator: str = "grpo") -> np.nd
         adv = centred
     adv = np.where(zero_std_groups(rewards, group_size)[:, None], 0.0, adv).reshape(-1)  # [N]
     if estimator == "reinforce_pp":
-        adv = adv / (adv.std(ddof=1) + STD_EPS)
+        adv = adv / (batch_std(adv, all_sum) + STD_EPS)
     return adv.astype(np.float32)
+
+
+def batch_std(x: np.ndarray, all_sum=None) -> float:
+    """The unbiased (ddof=1) std of x [n], or of the ranks' x together (`all_sum` sums
+    [n, sum x, sum x^2] across them)."""
+    if all_sum is None:
+        return float(x.std(ddof=1))
+    n, s, q = all_sum(np.array([len(x), x.sum(), (x * x).sum()], dtype=np.float64))
+    return float(np.sqrt(max(q - s * s / n, 0.0) / (n - 1)))
 
 
 def overlong_penalty(lengths, max_len: int, buffer_len: int, penalty: float = 1.0) -> np.ndarray:

@@ -7,6 +7,10 @@ weighted reward: groups with equal rewards have zero advantage and teach nothing
 `max_sampling_rounds`; the step then trains on the groups found (fewer than `batch_size` when
 the rounds ran out, reported). Every round advances the prompt sampler, whose state the
 checkpoint keeps, and the RNG stream seeded once per step, so a resumed run draws the same.
+
+With several ranks (`distributed.World`) each draws its share of every round's prompts; the
+rounds stop in lock-step on the global count of groups found, and the groups kept are the first
+ones in global (rank) order, as one process would keep them.
 """
 
 from collections import Counter
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .advantages import zero_std_groups
+from .distributed import World
 from .rewards import check_first_batch, score_batch
 from .rollout import Rollout, sample
 
@@ -33,6 +38,7 @@ class Scored:
     drawn_zero_std: int  # of which had equal rewards
     drawn_reward_sum: float  # sum of the rewards of every row sampled
     rounds: int = 1
+    pad: Rollout | None = None  # one drawn group, for a zero-weight pass when no group is kept
 
     def groups(self, idx) -> "Scored":
         """The groups `idx` (prompt indices) only; the drawn counts unchanged."""
@@ -77,7 +83,7 @@ def draw(run, first_step: bool) -> Scored:
     """Sample and score the sampler's next `batch_size` prompts. A reward failing on every item
     of a run's first step raises RewardFailedError (`first_step`)."""
     cfg, tok, G = run.cfg, run.tokenizer, run.cfg.num_generations
-    rows = run.sampler.next_batch()
+    rows = world_of(run).share(run.sampler.next_batch())  # the global batch's share
     examples = [run.examples[i] for i in rows]
     run.model.eval()
     rollout = sample(run.model, [run.prompts[i] for i in rows], G, cfg.max_completion_length,
@@ -101,16 +107,52 @@ def collect(run, first_step: bool) -> Scored:
     cfg = run.cfg
     if not cfg.dynamic_sampling:
         return draw(run, first_step)
-    parts, found = [], 0
+    world = world_of(run)
+    parts, found, pad = [], 0, None
     for round_ in range(cfg.max_sampling_rounds):
         scored = draw(run, first_step and round_ == 0)
+        pad = pad or scored.groups([0]).rollout
         keep = np.flatnonzero(~zero_std_groups(scored.rewards, cfg.num_generations))
-        keep = keep[:cfg.batch_size - found]
+        counts = np.zeros(world.size)
+        counts[world.rank] = len(keep)
+        counts = world.all_sum(counts, "dynamic sampling all-sum")  # [size] groups found
+        left = cfg.batch_size - found
+        keep = keep[:max(0, left - int(counts[:world.rank].sum()))]  # global order: rank order
         parts.append(scored.groups(keep))
-        found += len(keep)
+        found += min(int(counts.sum()), left)
         if found == cfg.batch_size:
             break
-    return merge(parts)
+    out = merge(parts)
+    out.pad = pad
+    return out
+
+
+def world_of(run) -> World:
+    """The run's ranks (a single process when the run has none)."""
+    return getattr(run, "world", None) or World()
+
+
+def gather_scored(world: World, scored: Scored, shaping: np.ndarray, reward_names: list[str],
+                  extra=()):
+    """Every rank's rows of `scored` and `shaping` [n] concatenated in rank order (the global
+    batch, for metrics), the drawn counts, reward error counts and the numbers `extra` summed;
+    error types and first errors stay this rank's. Returns (Scored without rollout texts,
+    shaping [N], lengths [N], truncated [N], the sums of `extra`)."""
+    r = scored.rollout
+    cols = np.stack([scored.rewards, shaping, [len(c) for c in r.completions],
+                     np.asarray(r.truncated, float),
+                     *(scored.per_reward[k] for k in reward_names)], axis=1).reshape(-1, 4 + len(
+                         reward_names))  # [n, 4 + rewards]
+    cols = world.gather(cols)  # [N, 4 + rewards]
+    counted = [k for k in sorted(scored.stats) if k.startswith(("errors/", "timeouts/"))]
+    sums = world.all_sum([len(scored.examples), scored.drawn, scored.drawn_zero_std,
+                          scored.drawn_reward_sum, *extra, *(scored.stats[k] for k in counted)])
+    e = 4 + len(extra)
+    stats = {**scored.stats, **{k: int(v) for k, v in zip(counted, sums[e:])}}
+    out = Scored([None] * int(sums[0]), r, [], cols[:, 0].astype(np.float32),
+                 {k: cols[:, 4 + i] for i, k in enumerate(reward_names)}, stats, int(sums[1]),
+                 int(sums[2]), float(sums[3]), scored.rounds)
+    return out, cols[:, 1], cols[:, 2], cols[:, 3], sums[4:e]
 
 
 def reward_metrics(scored: Scored, shaping: np.ndarray, cfg) -> dict:

@@ -175,6 +175,8 @@ class TrainConfig:
     save_every: int = 50  # 0: save only at the end
     save_total_limit: int | None = 3  # checkpoints kept (the newest ones); None: all
     max_nonfinite_steps: int = 3  # stop after this many steps in a row with non-finite updates
+    distributed_timeout_s: float | None = 1800.0  # several ranks: a step longer than this
+    # exits every surviving rank, naming the stalled one (the ring has no timeouts); None: off
     seed: int = 0  # LoRA init, data order, sampling
     push_to_hub: str | bool | None = None  # Hub repo id (owner/name): after training, export
     # the adapters as PEFT to output_dir/export-peft and upload them; true: to hub_model_id
@@ -222,6 +224,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "minibatch_size": ((lambda v: v == "auto" or v >= 1), ">= 1, auto or null"),
     "rollout_batch_size": ((lambda v: v == "auto" or v >= 1), ">= 1 or auto"),
     "memory_limit_gb": _POSITIVE,
+    "distributed_timeout_s": _POSITIVE,
     "lora.rank": _at_least(1),
     "lora.scale": _POSITIVE,
     "lora.dropout": ((lambda v: 0 <= v <= 0.9), "in [0, 0.9]"),
@@ -275,6 +278,7 @@ HARMLESS_KEYS = frozenset({
     "minibatch_size", "save_total_limit",
     "rollout_batch_size", "memory_limit_gb",
     "max_nonfinite_steps", "learning_rate", "max_grad_norm",
+    "distributed_timeout_s",
     "log_completions", "report_to", "run_name", "wandb_project", "logging_steps",
     "init_adapter",  # a resumed run reads its weights from the checkpoint, not from here
     "push_to_hub", "hub_model_id",

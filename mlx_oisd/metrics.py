@@ -59,3 +59,16 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.console.close()
+
+
+class NullWriter:
+    """The writer of a rank other than 0 (data-parallel training): writes and prints nothing."""
+
+    def write(self, record: dict, advance: bool = True) -> dict:
+        return record
+
+    def print(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

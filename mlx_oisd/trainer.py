@@ -8,6 +8,10 @@ the objective (`objective.objective`: GRPO surrogate + OISD alignment terms), on
 
 Departures from the paper's setup: none in the objective. The RNG is re-seeded from (seed, step),
 so a resumed run samples what an uninterrupted one would have.
+
+Under `mlx.launch` the step is data-parallel (`distributed.py`): each rank trains on its share
+of the prompts with the global normalisers and one gradient all-reduce per update; rank 0 alone
+writes metrics, logs and checkpoints.
 """
 
 import math
@@ -23,8 +27,14 @@ import yaml
 from mlx.utils import tree_flatten, tree_map
 
 from .advantages import group_advantages, keep_rows, overlong_penalty
-from .checkpoint import load_checkpoint, open_checkpoints, resume_notes, save_checkpoint
-from .collect import collect, reward_metrics
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    open_checkpoints,
+    resume_notes,
+    save_checkpoint,
+)
+from .collect import collect, gather_scored, reward_metrics
 from .config import (
     ConfigError,
     TrainConfig,
@@ -37,13 +47,14 @@ from .console import banner_lines, model_summary, nonfinite_message, step_report
 from .data.prompts import PromptFormat, render_examples
 from .data.sampler import PromptSampler
 from .data.sources import load_examples
+from .distributed import Watchdog, World, init_world, start_mismatch
 from .evaluate import avg_at_k
 from .export import publish_run
 from .init_adapter import init_from_adapter, read_init_adapter
 from .loading import load_model, tokenizer_for
 from .lora import apply_lora, lora_parameters
 from .memory import plan_run, read_model_config, set_memory_limits
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, NullWriter
 from .objective import LossSpec, ObjectiveGrad, policy_logprobs
 from .plot import plot_metrics
 from .precision import make_adamw
@@ -78,6 +89,7 @@ class Run:
     model_path: Path | None = None  # the folder the weights were read from
     samples: list = field(default_factory=list)  # the latest step's logged completion rows
     reference: nn.Module | None = None  # frozen starting weights (full fine-tuning, beta > 0)
+    world: World = field(default_factory=World)  # the ranks (`mlx.launch`); one process: size 1
 
 
 def loss_spec(cfg: TrainConfig) -> LossSpec:
@@ -130,17 +142,28 @@ def load_eval_examples(cfg: TrainConfig) -> list:
 def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     """Lock output_dir (before anything there is read or written), then build the run."""
     exit_if_reimported()  # a reward worker importing a script that calls train() unguarded
-    lock = RunLock(cfg.output_dir)
+    world = init_world()
+    if cfg.batch_size < world.size:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) must be at least the number of ranks "
+                          f"({world.size}): each rank trains on whole prompts")
+    lock = RunLock(cfg.output_dir) if world.main else None  # rank 0 writes output_dir
     try:
-        run = _setup(cfg, resume, Path(cfg.output_dir))
+        if not world.main:  # after rank 0 has checked output_dir and removed stale temps
+            world.barrier("setup barrier")
+        run = _setup(cfg, resume, Path(cfg.output_dir), world)
+        if world.main:
+            world.barrier("setup barrier")
+        if problem := start_mismatch(world, run.start_step, run.model.trainable_parameters()):
+            raise CheckpointError(problem)
     except BaseException:
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise
-    run.lock = lock
+    run.lock, run.world = lock, world
     return run
 
 
-def _setup(cfg: TrainConfig, resume: bool, out_dir: Path) -> Run:
+def _setup(cfg: TrainConfig, resume: bool, out_dir: Path, world: World | None = None) -> Run:
     ckpt = open_checkpoints(out_dir, resume)  # verified; stale temps removed
     notes = [] if ckpt is None else resume_notes(ckpt.path / "config.yaml", cfg)
     for i, r in enumerate(cfg.rewards):  # fail before loading anything heavy
@@ -201,7 +224,8 @@ def _setup(cfg: TrainConfig, resume: bool, out_dir: Path) -> Run:
         run.sampler.load_state_dict(state["sampler"])
         run.start_step = state["step"]
         run.nonfinite_steps = state.get("nonfinite_steps", 0)
-    save_config(cfg, out_dir / "config.yaml")
+    if world is None or world.main:
+        save_config(cfg, out_dir / "config.yaml")
     return run
 
 
@@ -231,12 +255,15 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     run = setup(cfg, resume)
     streak, saved = 0, run.start_step or None  # non-finite steps in a row; newest checkpoint
     writer = tracker = None
+    main = run.world.main  # rank 0 writes; the other ranks only train
+    watchdog = Watchdog(run.world, cfg.distributed_timeout_s)
     try:
-        writer = MetricsWriter(run.out_dir / "metrics.jsonl", cfg.max_steps, run.start_step,
-                               show_progress, cfg.logging_steps)
-        completions = CompletionsLog(run.out_dir / "completions.jsonl", run.start_step)
-        tracker = Tracker.open(cfg.report_to, run.out_dir, to_dict(cfg), run.start_step,
-                               cfg.run_name, cfg.wandb_project)
+        writer = (MetricsWriter(run.out_dir / "metrics.jsonl", cfg.max_steps, run.start_step,
+                                show_progress, cfg.logging_steps) if main else NullWriter())
+        completions = CompletionsLog(run.out_dir / "completions.jsonl", run.start_step) if main \
+            else None
+        tracker = Tracker.open(cfg.report_to if main else [], run.out_dir, to_dict(cfg),
+                               run.start_step, cfg.run_name, cfg.wandb_project)
         shown = {}  # reward error message -> the step it was last printed
         with StopSignals() as signals:
             for line in banner_lines(cfg, run.model_path, model_summary(run.model),
@@ -244,19 +271,21 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
                 writer.print(line)
             for note in run.notes:
                 writer.print(note)
-            if run.eval_examples and run.start_step == 0:
+            if run.eval_examples and run.start_step == 0 and main:
                 record = {"step": 0, "eval_accuracy": evaluate(run)}
                 writer.write(record, advance=False)
                 tracker.log(record, 0)
             for step in range(run.start_step + 1, cfg.max_steps + 1):
+                watchdog.arm(step)
                 record = train_step(run, step)
                 streak = streak + 1 if record["nonfinite"] else 0
-                if run.eval_examples and (step == cfg.max_steps or
-                                          (cfg.eval_every and step % cfg.eval_every == 0)):
+                if run.eval_examples and main and (step == cfg.max_steps or
+                                                   (cfg.eval_every and step % cfg.eval_every == 0)):
                     record["eval_accuracy"] = evaluate(run)
                 writer.write(record)
                 tracker.log(record, step)
-                completions.write(run.samples)
+                if main:
+                    completions.write(run.samples)
                 tracker.log_samples(run.samples, step)
                 for line in step_report(record, streak, shown):
                     writer.print(line)
@@ -266,20 +295,24 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
                                              and not record["nonfinite"]):
                     save(run, step)
                     saved = step
-                if signals.signum is not None and step < cfg.max_steps:
+                signum = stop_signal(run.world, signals.signum)  # every rank stops together
+                watchdog.disarm()
+                if signum is not None and step < cfg.max_steps:
                     if saved != step:
                         save(run, step)
                     raise TrainingStopped(f"interrupted at step {step}; saved checkpoint step "
-                                          f"{step}; continue with --resume", 128 + signals.signum)
+                                          f"{step}; continue with --resume", 128 + signum)
     finally:
+        watchdog.close()
         if writer is not None:
             writer.close()
         if tracker is not None:
             tracker.close()
-        run.lock.release()
+        if run.lock is not None:
+            run.lock.release()
         for worker in run.workers.values():
             worker.close()
-    if (repo := hub_repo(cfg)) is not None:  # a finished run; a failed push does not fail it
+    if (repo := hub_repo(cfg)) is not None and main:  # a failed push does not fail the run
         print(publish_run(run.out_dir, repo), flush=True)
     return run
 
@@ -297,7 +330,20 @@ def evaluate(run: Run) -> float:
     return acc
 
 
-def save(run: Run, step: int) -> Path:
+def stop_signal(world: World, signum: int | None) -> int | None:
+    """The signal that stops the run: this rank's, or (several ranks) SIGTERM's number when any
+    rank got one, so that every rank stops at the same step."""
+    if world.size == 1:
+        return signum
+    any_rank = world.all_sum([signum is not None], "signal all-sum")[0] > 0
+    return (signum or 15) if any_rank else None
+
+
+def save(run: Run, step: int) -> Path | None:
+    """Rank 0 writes the checkpoint, after every rank has finished the step."""
+    run.world.barrier("checkpoint barrier")
+    if not run.world.main:
+        return None
     lora = run.cfg.lora
     params = None if lora is None else lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys)
     path = save_checkpoint(run.out_dir, step, run.model, run.optimizer,
@@ -311,11 +357,11 @@ def save(run: Run, step: int) -> Path:
 
 
 def train_step(run: Run, step: int) -> dict:
-    cfg, model, tok = run.cfg, run.model, run.tokenizer
+    cfg, model, tok, world = run.cfg, run.model, run.tokenizer, run.world
     G = cfg.num_generations
     t0 = time.perf_counter()
     mx.reset_peak_memory()
-    mx.random.seed(cfg.seed * 1_000_003 + step)
+    mx.random.seed((cfg.seed * 1_000_003 + step) * world.size + world.rank)
     scored = collect(run, first_step=step == run.start_step + 1)
     rollout, rewards = scored.rollout, scored.rewards
     t_rollout = time.perf_counter() - t0
@@ -323,23 +369,32 @@ def train_step(run: Run, step: int) -> dict:
     lengths = np.array([len(c) for c in rollout.completions])
     shaping = overlong_penalty(lengths, cfg.max_completion_length, cfg.overlong_buffer_len,
                                cfg.overlong_penalty)
-    adv = group_advantages(rewards + shaping, G, cfg.advantage)
+    adv = group_advantages(rewards + shaping, G, cfg.advantage,
+                           world.all_sum if world.size > 1 else None)
     run.samples = step_rows(step, scored.examples, scored.texts, rewards, scored.per_reward, adv,
                             rollout, cfg.log_completions)
     keep = keep_rows(rewards, G) if cfg.filter_zero_std_groups else np.ones(len(adv), bool)
     t1 = time.perf_counter()
     stats, train_tokens = {}, 0.0
-    if keep.any():
-        batch = pack(rollout, tok.pad_token_id if tok.pad_token_id is not None else 0,
-                     cfg.mask_truncated, bucket=32 if cfg.compile else 1)
-        batch, adv_kept = select_rows(batch, adv, keep) if not keep.all() else (batch, adv)
+    # several ranks: all train, or none; a rank without kept rows runs a zero-weight pass
+    pad = not keep.any()
+    if world.all_sum([keep.sum()], "rows all-sum")[0] > 0:
+        batch, adv_kept = training_rows(rollout, adv, keep, scored.pad or rollout,
+                                        tok.pad_token_id if tok.pad_token_id is not None else 0,
+                                        cfg)
         spec = replace(run.spec, bupo_active=step <= cfg.bupo.internal_steps)
         stats = update(model, run.optimizer, run.grad_fn, batch, mx.array(adv_kept), spec, cfg,
-                       run.reference)
-        train_tokens = float(batch.response_mask.sum().item())
+                       run.reference, world, pad)
+        train_tokens = 0.0 if pad else float(batch.response_mask.sum().item())
     nonfinite = stats.pop("nonfinite", False)
     run.nonfinite_steps += nonfinite
     t_train = time.perf_counter() - t1
+    truncated = np.asarray(rollout.truncated, float)
+    if world.size > 1:  # the metrics of the global batch; timings are this rank's
+        scored, shaping, lengths, truncated, (train_tokens, num_tokens) = gather_scored(
+            world, scored, shaping, sorted(scored.per_reward), (train_tokens, rollout.num_tokens))
+    else:
+        num_tokens = rollout.num_tokens
 
     return {
         "step": step,
@@ -348,17 +403,31 @@ def train_step(run: Run, step: int) -> dict:
         "frac_zero_std_groups": scored.drawn_zero_std / max(scored.drawn, 1),
         "completion_len_mean": float(lengths.mean()) if len(lengths) else 0.0,
         "completion_len_max": int(lengths.max()) if len(lengths) else 0,
-        "truncated_frac": float(np.mean(rollout.truncated)) if len(lengths) else 0.0,
+        "truncated_frac": float(np.mean(truncated)) if len(lengths) else 0.0,
         **stats,
         "nonfinite": nonfinite,
         "nonfinite_steps": run.nonfinite_steps,
         "lr": float(run.optimizer.learning_rate.item()),
-        "rollout_tokens_per_sec": rollout.num_tokens / max(t_rollout, 1e-9),
+        "rollout_tokens_per_sec": num_tokens / max(t_rollout, 1e-9),
         "train_tokens_per_sec": train_tokens * cfg.num_iterations / max(t_train, 1e-9),
-        "tokens_per_sec": rollout.num_tokens / max(time.perf_counter() - t0, 1e-9),
+        "tokens_per_sec": num_tokens / max(time.perf_counter() - t0, 1e-9),
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "step_time": time.perf_counter() - t0,
     }
+
+
+def training_rows(rollout, adv: np.ndarray, keep: np.ndarray, pad_rollout, pad_id: int,
+                  cfg: TrainConfig) -> tuple[Batch, np.ndarray]:
+    """The packed rows [n] kept by `keep` [N] and their advantages [n]. No row kept (possible on
+    one of several ranks): `pad_rollout` packed with its response mask zeroed and advantages 0,
+    a zero-weight pass that lets this rank take part in the update's collectives."""
+    bucket = 32 if cfg.compile else 1
+    if not keep.any():
+        batch = pack(pad_rollout, pad_id, cfg.mask_truncated, bucket=bucket)
+        batch = replace(batch, response_mask=mx.zeros_like(batch.response_mask))
+        return batch, np.zeros(batch.tokens.shape[0], np.float32)
+    batch = pack(rollout, pad_id, cfg.mask_truncated, bucket=bucket)
+    return select_rows(batch, adv, keep) if not keep.all() else (batch, adv)
 
 
 def select_rows(batch: Batch, adv: np.ndarray, keep: np.ndarray):
@@ -373,13 +442,20 @@ def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
 
 
 def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array, spec: LossSpec,
-           cfg: TrainConfig, reference: nn.Module | None = None) -> dict:
+           cfg: TrainConfig, reference: nn.Module | None = None, world: World | None = None,
+           pad: bool = False) -> dict:
     """Ref log-probs (beta > 0; `reference`: the frozen starting model of full fine-tuning, None
     under LoRA), then `num_iterations` optimizer updates; returns per-token metrics. The first iteration's own detached log-probs are the old ones (on-policy: ratio 1,
     no extra forward pass); later iterations reuse them.
 
     Each micro-batch's gradient is evaluated before the next one starts, so the peak holds one
-    micro-batch's activations, not the whole step's."""
+    micro-batch's activations, not the whole step's.
+
+    Several ranks (`world`): the normalisers are the global response-token and sequence counts,
+    and each update sums the ranks' gradients and loss stats once (the same collectives on every
+    rank, whatever its micro-batch count); `pad`: this rank has no rows, and `batch` (its mask
+    zeroed) is a zero-weight pass that only keeps the stats' keys in step."""
+    world = world or World()
     size = cfg.minibatch_size
     micro = micro_batches(batch, size)
     advs = [adv[i:i + (size or len(adv))] for i in range(0, len(adv), size or len(adv))]
@@ -390,15 +466,16 @@ def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array
         with reference_policy(model, reference) as ref_model:
             ref = [policy_logprobs(ref_model, mb, ref_spec)[0] for mb in micro]
         mx.eval(ref)
-    num_tokens = batch.response_mask.sum()
-    num_seqs = batch.tokens.shape[0]
+    local = [0.0, 0.0] if pad else [float(batch.response_mask.sum().item()), batch.tokens.shape[0]]
+    counts = world.all_sum(local, "counts all-sum")  # the global batch's tokens, sequences
+    num_tokens, num_seqs = mx.array(counts[0], mx.float32), float(counts[1])
     model.train()
     totals, entropy = {}, 0.0
     # MLX arrays are immutable: keeping the trees (containers copied) is the whole backup
     before = model.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
     finite = True
     for it in range(cfg.num_iterations):
-        grads = None
+        grads, sums = None, {}  # this update's gradient and stats, this rank's rows
         for j, (mb, a, ref_logp) in enumerate(zip(micro, advs, ref)):
             (loss, stats), g = grad_fn(mb, a, old[j], ref_logp, spec, num_tokens, num_seqs)
             if it == 0:
@@ -407,8 +484,15 @@ def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array
                 old[j] = logp if cfg.num_iterations > 1 else None
             grads = g if grads is None else tree_map(mx.add, grads, g)
             stats["loss"] = loss
-            totals = {k: totals.get(k, 0.0) + v for k, v in stats.items()}
-            mx.eval(grads, totals, entropy, old[j])
+            sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
+            mx.eval(grads, sums, entropy, old[j])
+        grads = world.sum_gradients(grads)
+        if it == 0:  # the entropy rides along with the first update's stats
+            sums = world.sum_stats({**sums, "entropy_sum": entropy})
+            entropy = sums.pop("entropy_sum")
+        else:
+            sums = world.sum_stats(sums)
+        totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}  # over the updates
         if cfg.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         else:
