@@ -9,7 +9,8 @@ Then, per run, on the held-out problems (one completion each, sampled at the tra
 temperature with a fixed seed): accuracy, and the student block's lens against the final layer
 (top-1 agreement and JS, overall and on correct / incorrect completions) plus every block's
 agreement. Writes the tables to `--out` (markdown), the numbers to `--out`.json, and a figure
-of GRPO's and OISD's lens on one held-out problem (seed 0) next to it.
+of the lens of GRPO, OISD and OISD with `weighting: none` on one held-out problem (seed 0), each
+model's own greedy completion, next to it.
 """
 
 import argparse
@@ -45,6 +46,7 @@ VARIANTS = {  # name -> overrides of configs/study.yaml
     "none": ["oisd.weighting=none"],
     "bupo": ["algorithm=bupo"],
 }
+FIGURE = {"grpo": "GRPO", "oisd": "OISD", "none": "OISD, weighting: none"}  # lens panels
 EVAL_SEED = 1234  # the held-out samples' randomness, the same for every run
 
 
@@ -169,14 +171,17 @@ def main(argv=None):
                                      examples, checker) for s, f in per.items()}
                    for name, per in folders.items()}
     figure = None
-    if {"grpo", "oisd"} <= set(folders):
+    shown = [v for v in FIGURE if v in folders]
+    if len(shown) > 1:
         s = args.seeds[0]
-        runs, tok = compare_lens(cfg.model, [str(folders[v][s] / "adapters") for v in ("grpo", "oisd")],
-                                 ["GRPO", "OISD"], [examples[0].prompt], None,
+        runs, tok = compare_lens(cfg.model, [str(folders[v][s] / "adapters") for v in shown],
+                                 [FIGURE[v] for v in shown], [examples[0].prompt], None,
                                  max_tokens=cfg.max_completion_length, fmt=PromptFormat.of(cfg))
         figure = plot_lens_heatmap(runs, tok, args.out.with_suffix(".png"))
+    trained = sum(r["seconds"] or 0 for per in results.values() for r in per.values())
     text = (f"Study: {', '.join(args.variants)}; seeds {args.seeds}; config {args.config.name}"
-            f" {' '.join(args.extra)}; {time.time() - t0:.0f} s in all.\n\n"
+            f" {' '.join(args.extra)}; training {trained:.0f} s (this machine, when the runs were "
+            f"trained), this invocation {time.time() - t0:.0f} s.\n\n"
             + tables(results, args.seeds, cfg.eval_k) + "\n")
     write_text(args.out, text)
     write_json(args.out.with_suffix(".json"), {n: {str(s): r for s, r in per.items()}
