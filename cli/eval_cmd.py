@@ -4,12 +4,11 @@ from pathlib import Path
 
 import typer
 
-from cli.options import positional_or_flag
+from cli.options import positional_or_flag, usage_error
 
 
 def _fail(e: Exception):
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
+    usage_error(str(e))
 
 
 def prompt_format(system_prompt: str | None, instruction: str | None, enable_thinking: bool):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from cli.options import positional_or_flag
+from cli.options import positional_or_flag, usage_error
 
 
 class ExportFormat(StrEnum):
@@ -63,8 +63,7 @@ def export(
         path = run_export(adapter_dir, fmt.value, out, base=base, push_to_hub_repo=push_to_hub,
                           overwrite=overwrite, evals=evals)
     except (ExportError, ModelLoadError, DiskFullError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        usage_error(str(e))
     typer.echo(f"wrote {path}")
     if push_to_hub:
         typer.echo(f"pushed to https://huggingface.co/{push_to_hub}")

@@ -7,13 +7,10 @@ from pathlib import Path
 
 import typer
 
+from cli.options import usage_error
+
 HELP = {"help_option_names": ["-h", "--help"]}
 DEFAULT_MAX_TOKENS = 512  # without --run; with it, the run's max_completion_length
-
-
-def _fail(e: Exception):
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
 
 
 def _no_text(value: str) -> bool:
@@ -56,7 +53,7 @@ def _setup(model, adapter_path, run, system, instruction, enable_thinking, max_t
             typer.echo(f"instruction ({source}; --instruction none for none): "
                        f"{fmt.instruction!r}", err=True)
     except (RunFolderError, ModelLoadError, ValueError) as e:
-        _fail(e)
+        usage_error(str(e))
     if seed is not None:
         import mlx.core as mx
 

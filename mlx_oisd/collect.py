@@ -141,8 +141,7 @@ def gather_scored(world: World, scored: Scored, shaping: np.ndarray, reward_name
     r = scored.rollout
     cols = np.stack([scored.rewards, shaping, [len(c) for c in r.completions],
                      np.asarray(r.truncated, float),
-                     *(scored.per_reward[k] for k in reward_names)], axis=1).reshape(-1, 4 + len(
-                         reward_names))  # [n, 4 + rewards]
+                     *(scored.per_reward[k] for k in reward_names)], axis=1)  # [n, 4 + rewards]
     cols = world.gather(cols)  # [N, 4 + rewards]
     counted = [k for k in sorted(scored.stats) if k.startswith(("errors/", "timeouts/"))]
     sums = world.all_sum([len(scored.examples), scored.drawn, scored.drawn_zero_std,

@@ -27,6 +27,7 @@ import yaml
 
 from .data.prompts import MATH_INSTRUCTION
 from .data.sources import is_file_source
+from .hub import REPO_ID
 from .io import write_text
 
 Algorithm = Literal["grpo", "oisd", "bupo"]
@@ -320,14 +321,11 @@ def _combination_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
 def _hub_problems(push: str | bool | None, repo: str | None) -> list[str]:
     """`push_to_hub: owner/name`, or TRL's `push_to_hub: true` + `hub_model_id: owner/name`."""
     problems = []
     for key, value in (("push_to_hub", push), ("hub_model_id", repo)):
-        if isinstance(value, str) and not _HUB_REPO_ID.match(value):
+        if isinstance(value, str) and not REPO_ID.match(value):
             problems.append(f"'{key}' must be a Hub repo id of the form 'owner/name', got {value!r}")
     if push is True and repo is None:
         problems.append("'push_to_hub' is true but 'hub_model_id' is not set: give the Hub repo "

@@ -61,11 +61,6 @@ def field_comments(cls: type) -> dict[str, str]:
     return out
 
 
-def _is_optional(tp: Any) -> bool:
-    return (typing.get_origin(tp) in (typing.Union, types.UnionType)
-            and type(None) in typing.get_args(tp))
-
-
 def type_name(tp: Any) -> str:
     """A type hint of the schema as a reader writes YAML for it: "int", "str / null",
     "grpo / oisd / bupo", "list[int]", "section"."""
@@ -109,7 +104,7 @@ def reference(cls: type = config.TrainConfig, prefix: str = "") -> list[KeyDoc]:
         tp = hints[f.name]
         path = f"{prefix}{f.name}"
         rows.append(KeyDoc(path, type_name(tp), show_default(f), comments.get(f.name, "")))
-        inner = typing.get_args(tp)[0] if _is_optional(tp) else tp
+        inner = config._strip_optional(tp)  # a section may be null
         if typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
             rows += reference(typing.get_args(inner)[0], f"{path}[].")
         elif dataclasses.is_dataclass(inner):

@@ -152,7 +152,8 @@ def avg_at_k(model, tokenizer, examples, k: int = 1, max_tokens: int = 256,
 
 
 def lens_correct(model, tokenizer, examples, layer: int, max_tokens: int,
-                 fmt: PromptFormat = PromptFormat(), checker: MathChecker | None = None, prompts_per_chunk: int = 64):
+                 fmt: PromptFormat = PromptFormat(), checker: MathChecker | None = None,
+                 prompts_per_chunk: int = 64):
     """Greedy completions of block `layer`'s lens policy, scored: correct [P] and info as in
     `sample_correct`."""
     eos = sorted(tokenizer.eos_token_ids)
@@ -174,7 +175,8 @@ def lens_correct(model, tokenizer, examples, layer: int, max_tokens: int,
 def evaluate_benchmarks(model, tokenizer, benchmarks: dict[str, list[Example]], n: int = 8,
                         ks: Sequence[int] = (1,), max_tokens: int = 4096,
                         temperature: float = 0.6, top_p: float = 0.95,
-                        fmt: PromptFormat = PromptFormat(), checker: MathChecker | None = None, layer: int | None = None,
+                        fmt: PromptFormat = PromptFormat(), checker: MathChecker | None = None,
+                        layer: int | None = None,
                         rows_per_chunk: int = 64, seed: int = 0,
                         progress: Callable[[str], None] | None = None,
                         samples: list | None = None, top_k: int = 0,

@@ -275,13 +275,7 @@ def push_error_message(e: BaseException, folder: Path, repo: str) -> str:
 
 def _http_status(e: BaseException | None) -> int | None:
     """The HTTP status of `e` or of the error it was raised from (huggingface_hub wraps)."""
-    for _ in range(8):
-        if e is None:
-            return None
-        if status := getattr(getattr(e, "response", None), "status_code", None):
-            return status
-        e = e.__cause__ or e.__context__
-    return None
+    return next((status for x in hub._chain(e) if (status := hub._status(x))), None)
 
 
 def _check_repo_id(repo: str) -> None:

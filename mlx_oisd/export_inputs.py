@@ -13,11 +13,13 @@ from pathlib import Path
 import mlx.core as mx
 import yaml
 
+from .hub import REPO_ID
+
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 ADAPTER_FILES = ("adapter_config.json", "adapters.safetensors")
 _LORA_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)\.lora_([ab])$")
 _FULL_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+HUB_ID = REPO_ID  # a Hub repo id, owner/name
 _HF_CACHE = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+$")  # hub cache snapshot
 _STEP_DIR = re.compile(r"^step[_-]?(\d+)$")
 

@@ -16,8 +16,10 @@ Hub cache is used when it holds the files, and otherwise `describe` names the pr
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Iterator
 
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # a Hub repo id, owner/name
 OFFLINE, UNREACHABLE, NOT_FOUND, AUTH, OTHER = "offline", "unreachable", "not_found", "auth", "other"
 
 
@@ -83,7 +85,8 @@ def failure(error: BaseException | None) -> str:
             return NOT_FOUND
         if _status(e) == 401:
             return AUTH
-    if any(isinstance(e, _transport_errors()) for e in chain):
+    transport = _transport_errors()
+    if any(isinstance(e, transport) for e in chain):
         return UNREACHABLE
     return OFFLINE if offline_mode() else OTHER
 

@@ -8,18 +8,17 @@ wrong, before anything trains.
 """
 
 import json
-import re
 from pathlib import Path
 
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_adapters, load_config, load_tokenizer
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
+from . import hub
 from .models import qwen3
 
 SUPPORTED_MODEL_TYPES = {"qwen3": qwen3}
 BUILTIN_PREFIX = "builtin:"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 class ModelLoadError(ValueError):
@@ -59,7 +58,7 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
                 "(config.json, model*.safetensors, tokenizer files)"
             )
         return path
-    if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+    if not hub.REPO_ID.match(spec) or spec.startswith((".", "/", "~")):
         raise ModelLoadError(
             f"model folder {spec!r} does not exist (and it is not a Hugging Face Hub id "
             "of the form 'owner/name')"
@@ -71,8 +70,6 @@ def _download(repo_id: str) -> Path:
     """The model's folder in the Hub cache, downloaded when missing. snapshot_download asks the
     Hub once (`repo_info` does not retry) and falls back to the cache when it cannot."""
     from huggingface_hub import snapshot_download
-
-    from . import hub
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS))

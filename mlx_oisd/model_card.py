@@ -6,18 +6,17 @@ unpushed export appear as placeholders (`BASE_PLACEHOLDER`, `HERE_PLACEHOLDER`) 
 """
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .data.prompts import MATH_INSTRUCTION, PromptFormat
+from .export_inputs import HUB_ID
 
 BASE_PLACEHOLDER = "<path to the base model>"
 HERE_PLACEHOLDER = "<path to this folder>"
 EXAMPLE_QUESTION = "What is 12 + 35?"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _ALGORITHMS = {"oisd": "OISD", "grpo": "GRPO", "bupo": "BuPO"}
 _KINDS = {"lora": "LoRA adapter", "dora": "DoRA adapter", "full": "full fine-tune"}
 _FORMAT_TEXT = {
@@ -57,7 +56,7 @@ def prompt_format(run_config: dict | None) -> PromptFormat:
 
 def public_name(model: str) -> str:
     """A Hub id or builtin:NAME as is; a local folder by its name alone (no machine path)."""
-    if model.startswith("builtin:") or (_HUB_ID.match(model) and not Path(model).expanduser().exists()):
+    if model.startswith("builtin:") or (HUB_ID.match(model) and not Path(model).expanduser().exists()):
         return model
     return Path(model).name
 

@@ -67,8 +67,9 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def panel_keys(runs: list[list[dict]], keys) -> list[str]:
     """The keys some run logged a non-zero value for, in `keys` order. If every logged key is
     all zero (a run's first steps), those keys are shown rather than an empty figure."""
-    logged = [k for k in keys if any(series(records, k)[0] for records in runs)]
-    nonzero = [k for k in logged if any(v != 0.0 for records in runs for v in series(records, k)[1])]
+    values = {k: [v for records in runs for v in series(records, k)[1]] for k in keys}
+    logged = [k for k in keys if values[k]]
+    nonzero = [k for k in logged if any(v != 0.0 for v in values[k])]
     return nonzero or logged
 
 

@@ -107,8 +107,8 @@ def check_rows(rows, name: str, where: Callable[[int], str] = lambda i: f"row {i
     fmt = None
     for i, row in enumerate(rows):
         found = row_format(row)
-        fields = sorted(row) if isinstance(row, dict) else type(row).__name__
         if found is None or (fmt is not None and found != fmt):
+            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
             first = "" if fmt is None else f"; this file is {fmt} (from its first row)"
             raise SftDataError(f"{where(i)}: fields {fields}{first}; expected {EXPECTED}")
         fmt = found

@@ -156,14 +156,14 @@ class Tracker:
     def log(self, record: dict, step: int) -> None:
         """The scalars of a metrics record, at `step`."""
         values = scalars(record)
-        for b in self.backends:
-            if values:
+        if values:
+            for b in self.backends:
                 b.log(values, step)
 
     def log_samples(self, rows: list[dict], step: int) -> None:
         """A step's logged completions (`samples.step_rows`); nothing when `rows` is empty."""
-        for b in self.backends:
-            if rows:
+        if rows:
+            for b in self.backends:
                 b.log_samples(rows, step)
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 
+from .. import hub
 from ..io import read_jsonl
 from ..rewards.extract import extract_answer, gsm8k_gold
 
@@ -267,12 +268,6 @@ def match_split_files(files: list[str], split: str, config: str | None = None) -
     return matched
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    from .. import hub
-
-    return hub.network_errors()
-
-
 _LOCAL_DATASET = "pass a local .jsonl or .parquet file as dataset.source"
 
 
@@ -284,9 +279,7 @@ def _hub_files(repo: str) -> tuple[list[str], Callable[[str], Path]]:
     """
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
-    from .. import hub
-
-    network_errors = _network_errors()
+    network_errors = hub.network_errors()
     error = None
     if not hub.offline_mode():
         try:
@@ -317,7 +310,7 @@ def _read_hub(repo: str, split: str, config: str | None, prompt_field, answer_fi
     for name in matched:
         try:
             local = fetch(name)
-        except _network_errors() as e:
+        except hub.network_errors() as e:
             raise DataError(
                 f"could not download {name} of dataset {repo!r} ({type(e).__name__}); check the "
                 f"network, or {_LOCAL_DATASET}"

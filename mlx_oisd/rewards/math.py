@@ -305,7 +305,7 @@ class MathChecker:
             self.restarts += 1
             self._start()
         self._conn.send((prompts, pairs))
-        result = self._next_result(self.timeout_s * max(len(pairs), 1))
+        result = self._next_result(self.timeout_s * len(pairs))
         if result == "timeout":
             self._stop()
             return [(0.0, None)] * len(pairs), len(pairs)
