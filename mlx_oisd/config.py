@@ -125,6 +125,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
     minibatch_size: int | Literal["auto"] | None = None  # completions per micro-batch (gradient
     # accumulation); None: all; auto: the largest that fits the memory plan (mlx_oisd.memory)
+    sort_by_length: bool = True  # micro-batches of rows sorted by completion length, each padded
+    # only to its own longest row (same gradient; prompts still shared within a micro-batch)
     rollout_batch_size: int | Literal["auto"] = "auto"  # rows decoding at once; auto: memory plan
     memory_limit_gb: float | None = None  # memory budget; None: Metal's recommended working set,
     # else the machine's RAM
@@ -136,6 +138,8 @@ class TrainConfig:
     # objective
     advantage: Advantage = "grpo"  # group estimator (mlx_oisd.advantages); dr_grpo: no std
     filter_zero_std_groups: bool = False  # drop groups whose rewards are all equal
+    skip_zero_advantage: bool = True  # rows whose gradient is exactly 0 (A = 0, beta 0, oisd
+    # weighting advantage or sign) are not computed; normalisers stay the whole batch's
     loss_agg: LossAgg = "token_mean"  # token aggregation (TRL loss_type: dapo / bnpo, grpo,
     # dr_grpo)
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .losses import (
     aggregate,
@@ -71,6 +72,20 @@ class LossSpec:
         """Whether the acting policy's readout applies the final norm: always for the final
         layer, `bupo_lens_norm` for BuPO's internal policy."""
         return self.policy_layer(num_layers) == num_layers or self.bupo_lens_norm
+
+
+def zero_gradient_rows(adv, loss_tokens, spec: LossSpec):
+    """Rows [N] (numpy bool) whose every term of the objective has exactly zero value and
+    gradient, given advantages adv [N] and loss-token counts loss_tokens [N] (response-mask sums):
+    rows with no loss token, and, with beta 0, rows with A = 0 (the policy term is A x ratio;
+    the alignment terms are weighted by A or sign(A), so not with weighting `none`). Leaving
+    them out of the forward and backward passes, with the whole batch's normalisers, leaves the
+    loss and gradient unchanged."""
+    empty = np.asarray(loss_tokens) == 0
+    aligned = spec.align_logit or spec.align_attn
+    if spec.beta > 0 or (aligned and spec.weighting not in ("advantage", "sign")):
+        return empty
+    return empty | (np.asarray(adv) == 0)
 
 
 CHUNK_LOGITS = 2**20  # (rows, V) logits per chunk of the loss when chunk_size is None

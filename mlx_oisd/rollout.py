@@ -187,6 +187,21 @@ class Batch:
         return Batch(self.tokens[idx], self.mask[idx], self.response_mask[idx], self.prompt_len,
                      group, prompt_rows)
 
+    def trim(self, bucket: int = 1) -> "Batch":
+        """The same rows with the columns that are padding in every row cut: prompts to the
+        longest prompt, completions to the longest completion (each rounded up to `bucket`).
+        Right padding is never attended by a real token, and RoPE scores depend on position
+        differences only, so the model computes the same values (up to rounding)."""
+        P = self.prompt_len
+        mask = np.array(self.mask)
+        p = min(P, _round_up(int(mask[:, :P].sum(axis=1).max()), bucket))
+        c = min(mask.shape[1] - P, _round_up(max(1, int(mask[:, P:].sum(axis=1).max())), bucket))
+        if p == P and c == mask.shape[1] - P:
+            return self
+        cols = slice(P - p, P + c)
+        return Batch(self.tokens[:, cols], self.mask[:, cols], self.response_mask[:, :c], p,
+                     self.group, self.prompt_rows)
+
 
 def prompt_index(prompt_ids: np.ndarray) -> tuple[mx.array, mx.array]:
     """Per-row prompt ids (N,) -> (group (N,), prompt_rows (U,)) as in `Batch`."""

@@ -27,6 +27,7 @@ import yaml
 from mlx.utils import tree_flatten, tree_map
 
 from .advantages import group_advantages, keep_rows, overlong_penalty
+from .batching import micro_batches
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -55,7 +56,7 @@ from .loading import load_model, tokenizer_for
 from .lora import apply_lora, lora_parameters
 from .memory import plan_run, read_model_config, set_memory_limits
 from .metrics import MetricsWriter, NullWriter
-from .objective import LossSpec, ObjectiveGrad, policy_logprobs
+from .objective import LossSpec, ObjectiveGrad, policy_logprobs, zero_gradient_rows
 from .plot import plot_metrics
 from .precision import make_adamw
 from .reference import frozen_copy, reference_policy
@@ -385,7 +386,7 @@ def train_step(run: Run, step: int) -> dict:
         spec = replace(run.spec, bupo_active=step <= cfg.bupo.internal_steps)
         stats = update(model, run.optimizer, run.grad_fn, batch, mx.array(adv_kept), spec, cfg,
                        run.reference, world, pad)
-        train_tokens = 0.0 if pad else float(batch.response_mask.sum().item())
+        train_tokens = stats.pop("trained_tokens")
     nonfinite = stats.pop("nonfinite", False)
     run.nonfinite_steps += nonfinite
     t_train = time.perf_counter() - t1
@@ -434,13 +435,6 @@ def select_rows(batch: Batch, adv: np.ndarray, keep: np.ndarray):
     return batch.select(np.flatnonzero(keep)), adv[keep]
 
 
-def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
-    n = batch.tokens.shape[0]
-    if not size or size >= n:
-        return [batch]
-    return [batch.select(slice(i, i + size)) for i in range(0, n, size)]
-
-
 def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array, spec: LossSpec,
            cfg: TrainConfig, reference: nn.Module | None = None, world: World | None = None,
            pad: bool = False) -> dict:
@@ -448,17 +442,23 @@ def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array
     under LoRA), then `num_iterations` optimizer updates; returns per-token metrics. The first iteration's own detached log-probs are the old ones (on-policy: ratio 1,
     no extra forward pass); later iterations reuse them.
 
-    Each micro-batch's gradient is evaluated before the next one starts, so the peak holds one
-    micro-batch's activations, not the whole step's.
+    Micro-batches (`batching.micro_batches`): rows whose gradient is exactly zero are left out
+    (`skip_zero_advantage`), the rest sorted by completion length (`sort_by_length`) and cut
+    `minibatch_size` at a time, each padded to its own longest row; the normalisers are the whole
+    batch's, so the gradient is unchanged, and the per-token metrics cover the computed rows
+    (`skipped_tokens_frac`: the loss tokens left out). Each micro-batch's gradient is evaluated
+    before the next one starts, so the peak holds one micro-batch's activations.
 
     Several ranks (`world`): the normalisers are the global response-token and sequence counts,
     and each update sums the ranks' gradients and loss stats once (the same collectives on every
     rank, whatever its micro-batch count); `pad`: this rank has no rows, and `batch` (its mask
     zeroed) is a zero-weight pass that only keeps the stats' keys in step."""
     world = world or World()
-    size = cfg.minibatch_size
-    micro = micro_batches(batch, size)
-    advs = [adv[i:i + (size or len(adv))] for i in range(0, len(adv), size or len(adv))]
+    adv = np.asarray(adv, np.float32)
+    loss_tokens = np.asarray(batch.response_mask.sum(axis=1))
+    skip = zero_gradient_rows(adv, loss_tokens, spec) if cfg.skip_zero_advantage else None
+    micro, advs = zip(*micro_batches(batch, adv, cfg.minibatch_size, skip, cfg.sort_by_length,
+                                     bucket=32 if cfg.compile else 1))
     old = [None] * len(micro)
     ref = [None] * len(micro)
     if cfg.beta > 0:  # the starting policy at the acting layer (BuPO: its layer-l lens)
@@ -466,8 +466,10 @@ def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array
         with reference_policy(model, reference) as ref_model:
             ref = [policy_logprobs(ref_model, mb, ref_spec)[0] for mb in micro]
         mx.eval(ref)
-    local = [0.0, 0.0] if pad else [float(batch.response_mask.sum().item()), batch.tokens.shape[0]]
-    counts = world.all_sum(local, "counts all-sum")  # the global batch's tokens, sequences
+    # the global batch's tokens and sequences (the normalisers), and the tokens computed
+    covered = sum(float(mb.response_mask.sum().item()) for mb in micro)
+    local = [0.0, 0.0, 0.0] if pad else [float(loss_tokens.sum()), len(adv), covered]
+    counts = world.all_sum(local, "counts all-sum")
     num_tokens, num_seqs = mx.array(counts[0], mx.float32), float(counts[1])
     model.train()
     totals, entropy = {}, 0.0
@@ -508,7 +510,9 @@ def update(model, optimizer, grad_fn: ObjectiveGrad, batch: Batch, adv: mx.array
             finite = False
             break
     model.eval()
-    return {**summarize(totals, entropy, num_tokens, it + 1), "nonfinite": not finite}
+    return {**summarize(totals, entropy, counts[2], it + 1),
+            "skipped_tokens_frac": 1.0 - counts[2] / max(counts[0], 1.0),
+            "trained_tokens": covered, "nonfinite": not finite}
 
 
 def all_finite(tree) -> mx.array:
@@ -517,9 +521,10 @@ def all_finite(tree) -> mx.array:
     return mx.stack(flags).all() if flags else mx.array(True)
 
 
-def summarize(totals: dict, entropy, num_tokens, iterations: int) -> dict:
-    """Unnormalised sums of the loss stats -> per-token means (Python floats)."""
-    tok = max(float(num_tokens.item()) * iterations, 1.0)
+def summarize(totals: dict, entropy, covered: float, iterations: int) -> dict:
+    """Unnormalised sums of the loss stats -> per-token means (Python floats) over the `covered`
+    response tokens the update computed (skipped rows have no entropy, ratio or lens stats)."""
+    tok = max(covered * iterations, 1.0)
     out = {
         "loss": float(totals["loss"].item()) / iterations,
         "clip_low_frac": float(totals["clip_low"].item()) / tok,

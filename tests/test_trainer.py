@@ -322,11 +322,17 @@ def test_exploding_learning_rate_skips_updates_then_stops_keeping_the_good_check
     assert all(bool(mx.array_equal(good[k], now[k])) for k in good)
 
 
-def test_learning_rate_1e30_stops_the_run_and_saves_nothing_non_finite(tmp_path):
-    result = _train(_config(tmp_path, max_steps=6, learning_rate=1e30), exit_code=1)
+@pytest.mark.parametrize("skip", [False, True])
+def test_learning_rate_1e30_stops_the_run_and_saves_nothing_non_finite(tmp_path, skip):
+    """The first update blows the adapters up; the next steps' rollouts are garbage with equal
+    rewards. Computing their rows, the loss is NaN; skipping them (A = 0), the stand-in row's
+    gradient is still NaN: either way the updates are undone and the run stops."""
+    result = _train(_config(tmp_path, max_steps=6, learning_rate=1e30,
+                            skip_zero_advantage=skip), exit_code=1)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["nonfinite"] for r in records][-3:] == [True, True, True]
-    assert records[-1]["nonfinite_steps"] >= 3 and records[-1]["loss"] is None
+    assert records[-1]["nonfinite_steps"] >= 3 and records[-1]["grad_norm"] is None
+    assert (records[-1]["loss"] is None) != skip
     assert (f"3 steps in a row had non-finite loss or gradients (last at step {records[-1]['step']}); "
             "stopped,") in result.output
     for path in (tmp_path / "run").rglob("*.safetensors"):
