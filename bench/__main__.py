@@ -5,7 +5,8 @@
     python -m bench --only rollout,step --no-write
 
 Benchmarks: rollout (ours vs mlx-lm BatchGenerator), step (full GRPO step vs mlx-lm-lora),
-overhead (oisd vs grpo update), memory (loss memory vs vocabulary and length), mfu.
+overhead (oisd vs grpo update), memory (loss memory vs vocabulary and length), mfu, realistic
+(the warm demo / study model on its own task, ours vs mlx-lm-lora, and our update variants).
 mlx-lm-lora runs from its own environment (`make bench-env` creates .venv-bench).
 """
 
@@ -20,10 +21,10 @@ from mlx_oisd import load
 from mlx_oisd.io import write_text
 from mlx_oisd.rollout import pack, sample
 
-from . import memory, mfu, overhead, rollout, step
+from . import memory, mfu, overhead, realistic, rollout, step
 from .common import arith_prompts, bench_model, machine
 
-ALL = ("rollout", "step", "overhead", "memory", "mfu")
+ALL = ("rollout", "step", "overhead", "memory", "mfu", "realistic")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,7 +43,9 @@ def main(argv=None):
                    help="python of the environment holding mlx-lm-lora")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--no-write", action="store_true", help="print only")
+    realistic.add_arguments(p)
     args = p.parse_args(argv)
+    realistic.check_arguments(p, args)
     only = args.only.split(",")
     if unknown := set(only) - set(ALL):
         p.error(f"--only: unknown benchmark(s) {sorted(unknown)}; expected some of {ALL}")
@@ -54,14 +57,24 @@ def main(argv=None):
         "MLP 384, V=2048, float32)")
     model_path = model_path or bench_model()
     B, G, M = args.batch_size, args.group_size, args.max_tokens
-    model, tok = load(str(model_path))
-    prompts, _ = arith_prompts(tok, 2 * B)
+    if set(only) - {"realistic"}:  # realistic loads its own models (and measures peaks alone)
+        model, tok = load(str(model_path))
+        prompts, _ = arith_prompts(tok, 2 * B)
     peer = args.peer_python if args.peer_python.exists() else None
     print(f"machine: {machine()}\nmodel: {label}\n", flush=True)
 
     tables = []
     for name in only:
         t = time.perf_counter()
+        if name == "realistic":
+            out = realistic.run(args.realistic_models, args.realistic_dtypes,
+                                args.realistic_batch_size, args.realistic_group_size,
+                                args.realistic_steps, args.realistic_repeats, peer)
+            out[-1].notes.append(f"(realistic: {time.perf_counter() - t:.0f} s)")
+            for table in out:
+                print(table.markdown(), flush=True)
+            tables += out
+            continue
         if name == "rollout":
             table = rollout.run(model, prompts, [(B, G, M), (B // 2 or 1, 2 * G, M)], args.repeats)
         elif name == "step":

@@ -7,23 +7,31 @@ Run with the separate benchmark venv (mlx-lm-lora, mlx, mlx-lm; nothing from mlx
 spec.json holds "model" (a local HF-layout folder), "prompts" (a list of {"tokens", "prompt",
 "answer"}; the first batch_size * steps are used), "batch_size", "group_size", "max_tokens",
 "steps", "lora_rank", "lora_scale", "lora_dropout", "lora_keys" (null: mlx-lm's default keys),
-"num_layers" (-1: all blocks), "learning_rate", "seed", "temperature" and "top_p".
+"num_layers" (-1: all blocks), "learning_rate", "seed", "temperature" and "top_p"; optional
+"reward" ("substring", the default, or "boxed": `boxed_answer`) and "in_order" (true: the prompts
+are trained in the spec's order, batch_size at a time, instead of the peer's length-sorted,
+shuffled batches).
 
 The model gets LoRA adapters the way mlx-lm applies them and is trained with the peer's own
 `train_grpo` loop (rollout with `generate_grpo`, reward scoring, microbatched value_and_grad and an
 AdamW update per step), with beta 0 (no reference model), clipping epsilon 0.2 / 0.28, the
 token-mean "bnpo" loss, no top-k / min-p filtering and no validation. The reward is 1.0 when the
-answer string occurs in the completion text, else 0.0.
+answer string occurs in the completion text, else 0.0 ("substring"), or with "boxed" 1.0 when the
+last `\\boxed{...}` of the completion holds the answer.
 
 A `TrainingCallback` reporting every step records the peer's own step time (1 / it/s), the wall
 time between reports, the peak memory of each step (reset after each report) and the generated
-and trained token counts. The peer's output goes to stderr; stdout gets exactly one JSON line.
+and trained token counts; a wrapper around the peer's `generate_grpo` records each rollout's time,
+peak memory and completion lengths, and the reward function each step's rewards (row g*G + j is
+completion j of prompt g, as the peer generates them). The peer's output goes to stderr; stdout
+gets exactly one JSON line.
 """
 
 import argparse
 import contextlib
 import importlib.metadata
 import json
+import re
 import sys
 import tempfile
 import time
@@ -35,12 +43,68 @@ import numpy as np
 from mlx_lm import load
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm_lora.trainer import grpo_trainer
 from mlx_lm_lora.trainer.grpo_trainer import GRPOTrainingArgs, train_grpo
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
 def answer_in_completion(prompts, completions, answer, types=None):
     """Peer reward-function signature: 1.0 where the answer string occurs in the completion."""
-    return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
+    out = [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
+    REWARDS.append(out)
+    return out
+
+
+def boxed_answer(prompts, completions, answer, types=None):
+    """Peer reward-function signature: 1.0 where the completion's last `\\boxed{...}` (after its
+    think blocks, before an end-of-turn token) holds the answer; integers compare as integers.
+    On integer answers in a box this scores as the project's `math` reward does (which also
+    reads `Answer: X` lines when there is no box, and asks math_verify when strings differ)."""
+    out = []
+    for c, a in zip(completions, answer):
+        c = re.split(r"<\|im_end\|>|<\|endoftext\|>", _THINK.sub("", c), maxsplit=1)[0]
+        boxes = _BOXED.findall(c)
+        pred = boxes[-1].strip().strip("$").strip() if boxes else None
+        out.append(1.0 if pred is not None and _same(pred, a.strip()) else 0.0)
+    REWARDS.append(out)
+    return out
+
+
+def _same(pred: str, gold: str) -> bool:
+    if re.fullmatch(r"-?\d+", pred) and re.fullmatch(r"-?\d+", gold):
+        return int(pred) == int(gold)
+    return pred == gold
+
+
+REWARDS, ROLLOUTS = [], []  # per step: the rewards [B*G]; (seconds, peak GB, lengths [B*G])
+
+
+def timed_generate(generate):
+    """`generate` (the peer's generate_grpo) recording each call's time, peak and lengths."""
+    def wrapper(*args, **kwargs):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        t = time.perf_counter()
+        completions, texts, indices = generate(*args, **kwargs)
+        mx.synchronize()
+        ROLLOUTS.append((time.perf_counter() - t, mx.get_peak_memory() / 1e9,
+                         [int(c.size) for c in completions]))
+        return completions, texts, indices
+    return wrapper
+
+
+def in_order_batches(dataset, batch_size, max_seq_length, train=False):
+    """The peer's batch tuples over `dataset` in order, batch_size rows at a time (no sorting,
+    no shuffling), cycling like the peer's training iterator."""
+    while True:
+        for i in range(0, len(dataset) - batch_size + 1, batch_size):
+            rows = dataset[i:i + batch_size]
+            yield ([r[0][:max_seq_length] for r in rows], [r[1] for r in rows],
+                   [r[2] for r in rows], [r[3] for r in rows], None)
+        if not train:
+            break
 
 
 class StepRecorder(TrainingCallback):
@@ -126,6 +190,11 @@ def main():
         )
         optimizer = optim.AdamW(learning_rate=spec["learning_rate"], weight_decay=0.0)
         recorder = StepRecorder(rows_per_step=batch_size * group_size)
+        reward = spec.get("reward", "substring")
+        if reward not in ("substring", "boxed"):
+            raise ValueError(f"spec reward: expected substring or boxed, got {reward!r}")
+        grpo_trainer.generate_grpo = timed_generate(grpo_trainer.generate_grpo)
+        extra = {"iterate_batches": in_order_batches} if spec.get("in_order") else {}
         mx.reset_peak_memory()
         train_grpo(
             model=model,
@@ -134,10 +203,11 @@ def main():
             optimizer=optimizer,
             train_dataset=dataset,
             val_dataset=None,
-            reward_funcs=[answer_in_completion],
+            reward_funcs=[boxed_answer if reward == "boxed" else answer_in_completion],
             args=args,
             training_callback=recorder,
             end_answer_token="",
+            **extra,
         )
 
     result = {
@@ -150,6 +220,10 @@ def main():
         "generated_tokens": recorder.generated_tokens,
         "trained_tokens": recorder.trained_tokens,
         "hit_max_tokens_ratio": recorder.hit_max_tokens_ratio,
+        "rollout_times": [r[0] for r in ROLLOUTS],
+        "rollout_peak_gb": [r[1] for r in ROLLOUTS],
+        "completion_lengths": [r[2] for r in ROLLOUTS],
+        "rewards": REWARDS,
     }
     print(json.dumps(result))
 

@@ -88,6 +88,12 @@ def eval_command(
     max_tokens: int = typer.Option(4096, "--max-tokens", help="Completion length limit."),
     limit: int = typer.Option(None, "--limit", help="Only the first N problems of each benchmark."),
     layer: int = typer.Option(None, "--layer", help="Also score block L's greedy logit-lens policy."),
+    draft_layer: str = typer.Option(
+        None, "--draft-layer", help="Sample by self-speculative decoding drafted by block L's "
+        "logit lens (same distribution, one sequence at a time; 'auto': the OISD run's student "
+        "layer)."),
+    draft_tokens: int = typer.Option(4, "--draft-tokens", help="Draft tokens per verify pass "
+                                     "(with --draft-layer)."),
     enable_thinking: bool = typer.Option(False, "--enable-thinking", help="Let Qwen3 reason."),
     system_prompt: str = typer.Option(None, "--system-prompt"),
     instruction: str = typer.Option(
@@ -114,13 +120,18 @@ def eval_command(
       oisd-mlx eval Qwen/Qwen3-0.6B --data gsm8k_test.jsonl --data math500.jsonl:problem:answer -k 4
 
       oisd-mlx eval Qwen/Qwen3-0.6B -b math500 --limit 50 -k 4 --save-samples samples.jsonl
+
+      oisd-mlx eval builtin:study-arith --adapter runs/study/oisd-s0/adapters --data "builtin:arith?digits=1&terms=3&n=600&n_test=100" -k 1 --max-tokens 24 --draft-layer auto
     """
+    from cli.generate_cmd import parse_draft_layer
     from mlx_oisd.data.sources import DataError
     from mlx_oisd.evaluate import evaluate_benchmarks, format_results, load_benchmark
+    from mlx_oisd.generate import draft_layer_of
     from mlx_oisd.io import write_json
     from mlx_oisd.loading import ModelLoadError, load
     from mlx_oisd.rewards import MathChecker
     from mlx_oisd.samples import write_samples
+    from mlx_oisd.speculative import check_draft
 
     model = positional_or_flag(model, model_flag, "--model", "MODEL")
     ks = _parse_ks(pass_k)
@@ -136,17 +147,28 @@ def eval_command(
     if [x for x in ks if x > k]:
         typer.echo(f"note: Pass@k for k > {k} skipped (needs at least k samples)", err=True)
     try:
+        draft_layer = parse_draft_layer(draft_layer)
+        if draft_layer is not None and draft_tokens < 1:
+            raise ValueError(f"--draft-tokens {draft_tokens}: expected an integer >= 1")
+        if draft_layer == "auto":
+            draft_layer = draft_layer_of(adapter)
+            typer.echo(f"draft layer {draft_layer} (the run's student layer)", err=True)
+    except ValueError as e:
+        _fail(e)
+    try:
         sets = {name: load_benchmark(name, limit, benchmark_dir) for name in benchmark}
         for spec in data:
             name, examples = load_data_option(spec, split, prompt_field, answer_field, limit)
             sets[name if name not in sets else f"{name}-{len(sets) + 1}"] = examples
         net, tokenizer = load(model, adapter_path=adapter)
+        if draft_layer is not None:
+            check_draft(net, draft_layer, draft_tokens)
         with MathChecker(timeout_s=reward_timeout) as checker:
             results = evaluate_benchmarks(
                 net, tokenizer, sets, k, ks, max_tokens, temperature, top_p, fmt, checker, layer,
                 batch_size, seed,
                 progress=lambda msg: typer.echo(msg, err=True), samples=samples,
-                top_k=top_k, min_p=min_p)
+                top_k=top_k, min_p=min_p, draft_layer=draft_layer, draft_tokens=draft_tokens)
     except (DataError, ModelLoadError, ValueError) as e:
         _fail(e)
     results["settings"] = {
@@ -154,7 +176,9 @@ def eval_command(
         "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
         "max_tokens": max_tokens, "limit": limit,
         "split": split,
-        "layer": layer, "enable_thinking": enable_thinking, "system_prompt": system_prompt,
+        "layer": layer, "draft_layer": draft_layer,
+        "draft_tokens": draft_tokens if draft_layer is not None else None,
+        "enable_thinking": enable_thinking, "system_prompt": system_prompt,
         "instruction": fmt.instruction, "seed": seed,
     }
     typer.echo(format_results(results))

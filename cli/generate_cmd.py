@@ -17,12 +17,27 @@ def _no_text(value: str) -> bool:
     return value.strip().lower() in ("none", "null", "")
 
 
-def _setup(model, adapter_path, run, system, instruction, enable_thinking, max_tokens, seed):
+def parse_draft_layer(value: str | None) -> int | str | None:
+    """--draft-layer: None, 'auto' or a block number (ValueError naming the flag otherwise)."""
+    if value is None:
+        return None
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--draft-layer {value!r}: expected a block number or 'auto'") from None
+
+
+def _setup(model, adapter_path, run, system, instruction, enable_thinking, max_tokens, seed,
+           draft_layer=None, draft_tokens=4):
     """Resolve the flags over the run's values, load the model; returns (model, tokenizer,
-    format, max_tokens). Exits with `error: ...` on a bad run folder or model."""
+    format, max_tokens, draft settings for `generate_text`). Exits with `error: ...` on a bad
+    run folder, model or draft flag."""
     from mlx_oisd.data.prompts import PromptFormat
-    from mlx_oisd.generate import RunFolderError, RunFormat, load_for_generation
+    from mlx_oisd.generate import RunFolderError, RunFormat, draft_layer_of, load_for_generation
     from mlx_oisd.loading import ModelLoadError
+    from mlx_oisd.speculative import check_draft
 
     try:
         found = RunFormat.read(run) if run is not None else None
@@ -41,6 +56,9 @@ def _setup(model, adapter_path, run, system, instruction, enable_thinking, max_t
             max_tokens = (found and found.max_tokens) or DEFAULT_MAX_TOKENS
         if max_tokens < 1:
             raise ValueError(f"--max-tokens {max_tokens}: expected an integer >= 1")
+        draft_layer = parse_draft_layer(draft_layer)
+        if draft_layer is not None and draft_tokens < 1:
+            raise ValueError(f"--draft-tokens {draft_tokens}: expected an integer >= 1")
         from_run = found is not None and model is None and adapter_path is None
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the answer
             net, tokenizer = load_for_generation(
@@ -52,13 +70,21 @@ def _setup(model, adapter_path, run, system, instruction, enable_thinking, max_t
                       else f"{Path(run) / 'config.yaml'}" if found else "the training default")
             typer.echo(f"instruction ({source}; --instruction none for none): "
                        f"{fmt.instruction!r}", err=True)
+        draft = {}
+        if draft_layer is not None:
+            if draft_layer == "auto":
+                draft_layer = draft_layer_of(
+                    adapter_path if adapter_path is not None else (found and found.adapter_path))
+                typer.echo(f"draft layer {draft_layer} (the run's student layer)", err=True)
+            check_draft(net, draft_layer, draft_tokens)
+            draft = {"draft_layer": draft_layer, "draft_tokens": draft_tokens}
     except (RunFolderError, ModelLoadError, ValueError) as e:
         usage_error(str(e))
     if seed is not None:
         import mlx.core as mx
 
         mx.random.seed(seed)
-    return net, tokenizer, fmt, max_tokens
+    return net, tokenizer, fmt, max_tokens, draft
 
 
 @contextlib.contextmanager
@@ -93,6 +119,11 @@ INSTRUCTION = typer.Option(None, "--instruction", help="Text after each user tur
 THINKING = typer.Option(None, "--enable-thinking/--no-enable-thinking",
                         help="Let Qwen3 reason in <think> (default: the run's, else off).")
 SEED = typer.Option(None, "--seed", help="Random seed for sampling.")
+DRAFT_LAYER = typer.Option(None, "--draft-layer", help="Self-speculative decoding: block L's "
+                           "logit lens drafts, the full model verifies (same output; 'auto': "
+                           "the OISD run's student layer).")
+DRAFT_TOKENS = typer.Option(4, "--draft-tokens", help="Draft tokens per verify pass (with "
+                            "--draft-layer).")
 
 
 def generate(
@@ -100,7 +131,7 @@ def generate(
     model: str = MODEL, adapter_path: Path = ADAPTER, run: Path = RUN,
     temp: float = TEMP, top_p: float = TOP_P, max_tokens: int = MAX_TOKENS,
     system: str = SYSTEM, instruction: str = INSTRUCTION, enable_thinking: bool = THINKING,
-    seed: int = SEED,
+    seed: int = SEED, draft_layer: str = DRAFT_LAYER, draft_tokens: int = DRAFT_TOKENS,
 ):
     """Answer one prompt, streaming the text to stdout; statistics go to stderr.
 
@@ -111,17 +142,20 @@ def generate(
       oisd-mlx generate --model Qwen/Qwen3-0.6B --adapter-path runs/oisd/adapters --prompt "What is 2^10?" --temp 0.6 --top-p 0.95 --max-tokens 1024
 
       echo "What is 12 + 35?" | oisd-mlx generate --model builtin:tiny-arith --prompt - --instruction none
+
+      oisd-mlx generate --run runs/study/oisd-s0 --prompt "What is 3 + 5 + 8?" --draft-layer auto --draft-tokens 4
     """
     from mlx_oisd.generate import build_prompt, stats_line, stream_answer
 
     if prompt == "-":
         prompt = sys.stdin.read().rstrip("\r\n")
-    net, tokenizer, fmt, max_tokens = _setup(model, adapter_path, run, system, instruction,
-                                             enable_thinking, max_tokens, seed)
+    net, tokenizer, fmt, max_tokens, draft = _setup(
+        model, adapter_path, run, system, instruction, enable_thinking, max_tokens, seed,
+        draft_layer, draft_tokens)
     ids = build_prompt(tokenizer, fmt, [], prompt)
     with _interruptible():
         _, last = stream_answer(net, tokenizer, ids, _write, max_tokens=max_tokens, temp=temp,
-                                top_p=top_p)
+                                top_p=top_p, **draft)
         _write("\n")
     if last is not None:
         typer.echo(stats_line(last), err=True)
@@ -131,7 +165,7 @@ def chat(
     model: str = MODEL, adapter_path: Path = ADAPTER, run: Path = RUN,
     temp: float = TEMP, top_p: float = TOP_P, max_tokens: int = MAX_TOKENS,
     system: str = SYSTEM, instruction: str = INSTRUCTION, enable_thinking: bool = THINKING,
-    seed: int = SEED,
+    seed: int = SEED, draft_layer: str = DRAFT_LAYER, draft_tokens: int = DRAFT_TOKENS,
 ):
     """A multi-turn chat on stdin: one line per user turn; 'q' or end of input quits, 'r' or
     '/reset' clears the history. The instruction follows every user turn, as in training.
@@ -144,8 +178,9 @@ def chat(
     """
     from mlx_oisd.generate import chat as run_chat
 
-    net, tokenizer, fmt, max_tokens = _setup(model, adapter_path, run, system, instruction,
-                                             enable_thinking, max_tokens, seed)
+    net, tokenizer, fmt, max_tokens, draft = _setup(
+        model, adapter_path, run, system, instruction, enable_thinking, max_tokens, seed,
+        draft_layer, draft_tokens)
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo("one line per turn; 'q' quits, 'r' clears the history", err=True)
@@ -162,7 +197,7 @@ def chat(
 
     with _interruptible():
         for _ in run_chat(net, tokenizer, fmt, lines(), _write, max_tokens=max_tokens, temp=temp,
-                          top_p=top_p):
+                          top_p=top_p, **draft):
             pass
 
 

@@ -10,7 +10,9 @@ forms the huge binomial coefficients. Benchmarks are averaged with equal weight 
 `lens@l` is the greedy accuracy of block l's logit-lens policy (`lens.lens_generate`: every next
 token is argmax W_U · N_L(h^l)): how much of the task the lower layers solve on their own, which is
 what OISD's alignment term pushes up. Sampling goes through `rollout.sample` (all rows of a chunk
-decode together), so evaluation sees exactly the policy that training optimises; scoring goes
+decode together), so evaluation sees exactly the policy that training optimises; with a
+`draft_layer`, through `speculative.speculative_sample` instead (the same distribution, one
+sequence at a time, with the draft acceptance rate reported); scoring goes
 through a `MathChecker` worker when one is given (time-limited: a hang scores 0 and is counted).
 
 Benchmarks by name (`BENCHMARKS`) are public Hub datasets read through `data.sources.load_examples`
@@ -172,6 +174,18 @@ def lens_correct(model, tokenizer, examples, layer: int, max_tokens: int,
     return np.concatenate(rows), info
 
 
+def _timed(sampler: Callable, clock: list[float]) -> Callable:
+    """`sampler` adding its wall time to clock[0]."""
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        out = sampler(*args, **kwargs)
+        clock[0] += time.perf_counter() - t
+        return out
+
+    return timed
+
+
 def evaluate_benchmarks(model, tokenizer, benchmarks: dict[str, list[Example]], n: int = 8,
                         ks: Sequence[int] = (1,), max_tokens: int = 4096,
                         temperature: float = 0.6, top_p: float = 0.95,
@@ -180,14 +194,17 @@ def evaluate_benchmarks(model, tokenizer, benchmarks: dict[str, list[Example]], 
                         rows_per_chunk: int = 64, seed: int = 0,
                         progress: Callable[[str], None] | None = None,
                         samples: list | None = None, top_k: int = 0,
-                        min_p: float = 0.0) -> dict:
+                        min_p: float = 0.0, draft_layer: int | None = None,
+                        draft_tokens: int = 4) -> dict:
     """Avg@n, Pass@k (and lens@layer) of every benchmark, and their mean over benchmarks.
 
     benchmarks: name -> examples. rows_per_chunk: sequences decoding together (n per problem).
     samples: a list that receives a row per sampled completion, {"benchmark": name, **row of
-    `samples.eval_rows`} (None: not kept).
+    `samples.eval_rows`} (None: not kept). draft_layer: sample by self-speculative decoding
+    drafted by that block (`draft_tokens` per round).
     Returns {"benchmarks": {name: {"problems", "samples", "avg@n", "pass@k"..., "lens@l",
-    "completion_tokens_mean", "truncated_frac", "reward_failures", "correct_counts": [P]}},
+    "completion_tokens_mean", "truncated_frac", "reward_failures", "correct_counts": [P],
+    "tokens_per_s" (sampling only), and with a draft layer "draft_acceptance"}},
     "mean": {metric: macro mean over benchmarks}}.
     """
     if n < 1:
@@ -198,13 +215,28 @@ def evaluate_benchmarks(model, tokenizer, benchmarks: dict[str, list[Example]], 
     for name, examples in benchmarks.items():
         t0 = time.perf_counter()
         mx.random.seed(seed)  # a benchmark's samples do not depend on which ran before it
+        draft, clock, sampler = None, [0.0], sample
+        if draft_layer is not None:
+            from functools import partial
+
+            from .speculative import DraftStats, speculative_sample
+
+            draft = DraftStats()
+            sampler = partial(speculative_sample, draft_layer=draft_layer,
+                              draft_tokens=draft_tokens, stats=draft)
         correct, info = sample_correct(model, tokenizer, examples, n, max_tokens, temperature,
-                                       top_p, fmt, checker, per_chunk, top_k=top_k, min_p=min_p)
+                                       top_p, fmt, checker, per_chunk,
+                                       sampler=_timed(sampler, clock), top_k=top_k, min_p=min_p)
         res = summarize(correct, ks)
         res["completion_tokens_mean"] = info["tokens"] / correct.size
         res["truncated_frac"] = info["truncated"] / correct.size
         res["reward_failures"] = info["failed"]
         res["correct_counts"] = correct.sum(axis=1).astype(int).tolist()
+        res["tokens_per_s"] = info["tokens"] / clock[0] if clock[0] > 0 else None
+        if draft is not None:
+            res["draft_acceptance"] = draft.acceptance
+            res["draft_counts"] = {"drafted": draft.drafted, "accepted": draft.accepted,
+                                   "passes": draft.passes}
         if samples is not None:
             samples += [{"benchmark": name, **row} for row in info["samples"]]
         if layer is not None:
@@ -266,5 +298,13 @@ def format_results(results: dict) -> str:
         count_row("reward failures", "reward_failures", str,
                   sum(b.get("reward_failures", 0) for b in benches.values())),
     ]
+    if any("tokens_per_s" in b for b in benches.values()):
+        counts.append(count_row("tokens/s", "tokens_per_s",
+                                lambda v: "-" if v is None else f"{v:.1f}", None))
+    if any("draft_acceptance" in b for b in benches.values()):
+        drafted = sum(b["draft_counts"]["drafted"] for b in benches.values())
+        accepted = sum(b["draft_counts"]["accepted"] for b in benches.values())
+        counts.append(count_row("draft accept (%)", "draft_acceptance", pct,
+                                accepted / drafted if drafted else None))
     return "\n".join(table("metric (%)", "mean", percent) + [""]
                      + table("counts", "all", counts))

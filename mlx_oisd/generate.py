@@ -9,7 +9,9 @@ policy sees, so each turn looks like a training prompt; earlier turns enter the 
 `user` / `assistant` messages (Qwen3's template drops their reasoning).
 
 Decoding is mlx-lm's `stream_generate` with `make_sampler(temp, top_p)`, in one function,
-`generate_text`, the place a different decode loop (speculative decoding) plugs in.
+`generate_text`; with a `draft_layer` it is self-speculative decoding (`speculative.py`), which
+gives the same tokens greedily and the same distribution when sampling.
+`draft_layer_of` finds the student layer of the OISD run an adapter folder came from.
 `RunFormat` reads the model, the adapter folder and the prompt format from a run's config.yaml
 without validating the rest, so runs written by older versions still load (no
 `dataset.instruction` there means the default `MATH_INSTRUCTION`, as training used then).
@@ -130,21 +132,69 @@ def build_prompt(tokenizer, fmt: PromptFormat, history: list[tuple[str, str]], u
 
 
 def generate_text(model, tokenizer, ids: list[int], max_tokens: int = 512, temp: float = 0.0,
-                  top_p: float = 1.0) -> Iterator[GenerationResponse]:
+                  top_p: float = 1.0, draft_layer: int | None = None,
+                  draft_tokens: int = 4) -> Iterator[GenerationResponse]:
     """Decode from the prompt `ids` [P] until an end-of-sequence token or `max_tokens`.
 
     Yields mlx-lm's `GenerationResponse` pieces: `.text` is the next piece of text (the
     end-of-sequence token is not in it), and the last one carries the statistics
-    (`prompt_tokens`, `generation_tokens`, `prompt_tps`, `generation_tps`, `peak_memory` GB)."""
+    (`prompt_tokens`, `generation_tokens`, `prompt_tps`, `generation_tps`, `peak_memory` GB).
+    With `draft_layer` l: self-speculative decoding, `draft_tokens` drafts per round from block
+    l's lens (`speculative.stream_speculative`; the responses also carry drafted / accepted)."""
+    if draft_layer is not None:
+        from .speculative import stream_speculative
+
+        yield from stream_speculative(model, tokenizer, ids, draft_layer, draft_tokens,
+                                      max_tokens, temp, top_p)
+        return
     yield from stream_generate(model, tokenizer, mx.array(ids), max_tokens=max_tokens,
                                sampler=make_sampler(temp, top_p))
 
 
 def stats_line(last: GenerationResponse) -> str:
-    """The statistics of a finished generation, on one line (mlx-lm prints the same numbers)."""
-    return (f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
+    """The statistics of a finished generation, on one line (mlx-lm prints the same numbers),
+    with the draft acceptance of a speculative one."""
+    line = (f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
             f"generated: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
             f"peak memory: {last.peak_memory:.3f} GB")
+    drafted = getattr(last, "drafted", None)
+    if drafted is not None:
+        rate = f"{100 * last.accepted / drafted:.1f}%" if drafted else "-"
+        line += f" | draft: {last.accepted}/{drafted} accepted ({rate})"
+    return line
+
+
+def draft_layer_of(adapter_path: str | Path | None) -> int:
+    """The student layer (oisd.student_layers[0]) of the OISD run whose adapters are in
+    `adapter_path`: a run's adapters/ (config.yaml in the folder above) or a checkpoints/step_N
+    (config.yaml in it), as `oisd-mlx train` writes them. ValueError saying why not."""
+    if adapter_path is None:
+        raise ValueError("--draft-layer auto: no adapter; auto takes the student layer of the "
+                         "OISD run an adapter came from (give --run, --adapter-path, or a layer "
+                         "number)")
+    folder = Path(adapter_path)
+    path = next((p for p in (folder / "config.yaml", folder.parent / "config.yaml")
+                 if p.is_file()), None)
+    if path is None:
+        raise ValueError(f"--draft-layer auto: no config.yaml in {folder} or {folder.parent}; "
+                         "auto needs the adapters of an `oisd-mlx train` run (give a layer "
+                         "number)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"--draft-layer auto: {path}: invalid YAML ({_one_line(e)})") from None
+    raw = raw if isinstance(raw, dict) else {}
+    algorithm = raw.get("algorithm", "oisd")
+    if algorithm != "oisd":
+        raise ValueError(f"--draft-layer auto: {path}: not an OISD run (algorithm: {algorithm}); "
+                         "it has no student layer (give a layer number)")
+    layers = (raw.get("oisd") or {}).get("student_layers") if isinstance(raw.get("oisd"), dict) \
+        else None
+    if not isinstance(layers, list) or not layers or not isinstance(layers[0], int) \
+            or isinstance(layers[0], bool):
+        raise ValueError(f"--draft-layer auto: {path}: oisd.student_layers: expected a list of "
+                         f"block numbers, got {layers!r}")
+    return layers[0]
 
 
 def stream_answer(model, tokenizer, ids: list[int], write: Callable[[str], None],

@@ -277,6 +277,15 @@ class Qwen3Model(nn.Module):
                 capture.hidden[l] = h
         return self.norm(h)
 
+    def run_blocks(self, h: mx.array, cache, start: int, stop: int) -> mx.array:
+        """Blocks start+1..stop (1-based) on the residual stream h (B, T, D) with their mlx-lm
+        caches cache[start:stop]; returns the stream after block `stop`, before the final norm.
+        norm(run_blocks(embed_tokens(ids), cache, 0, L)) is `self(ids, cache)`."""
+        mask = create_attention_mask(h, cache[start])
+        for layer, c in zip(self.layers[start:stop], cache[start:stop]):
+            h = layer(h, mask, c)
+        return h
+
 
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
