@@ -24,6 +24,7 @@ mlx-lm's tuner does) measured slower for the tiny demo model, and shapes vary pe
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,7 +312,8 @@ def sft(model: str | Path, data: "SftData | list[dict]", out_dir: str | Path, it
     net.train()
     if valid:
         evaluate(0)
-    bar = tqdm(range(iters), disable=not show_progress, unit="it", desc="sft")
+    tty = sys.stderr.isatty()  # piped: a plain line every 100 iterations instead of the bar
+    bar = tqdm(range(iters), disable=not (show_progress and tty), unit="it", desc="sft")
     for it in bar:
         if len(order) < batch_size:
             order.extend(rng.permutation(len(encoded)).tolist())
@@ -321,6 +323,8 @@ def sft(model: str | Path, data: "SftData | list[dict]", out_dir: str | Path, it
         mx.eval(loss, net.trainable_parameters(), optimizer.state)
         if it % 10 == 0 or it == iters - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if show_progress and not tty and ((it + 1) % 100 == 0 or it == iters - 1):
+            print(f"sft {it + 1}/{iters} loss {loss.item():.3f}", file=sys.stderr, flush=True)
         if valid and (it == iters - 1 or (steps_per_eval and (it + 1) % steps_per_eval == 0)):
             evaluate(it + 1)
     net.eval()
