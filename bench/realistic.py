@@ -33,8 +33,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -54,6 +52,7 @@ from mlx_oisd.loading import tokenizer_for
 from mlx_oisd.tiny import builtin_model_path, cache_dir
 
 from .common import Table, machine
+from .step import run_peer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"tiny-arith": ROOT / "configs" / "demo.yaml",
@@ -201,16 +200,7 @@ def peer_full(python: Path, cfg, prompts: list[dict], steps: int) -> dict:
         "temperature": cfg.temperature, "top_p": cfg.top_p, "prompts": prompts,
         "reward": "boxed", "in_order": True,
     }
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        json.dump(spec, f)
-        f.flush()
-        script = Path(__file__).with_name("peer_mlx_lm_lora.py")
-        proc = subprocess.run([str(python), str(script), "--spec", f.name], capture_output=True,
-                              text=True, check=False)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise RuntimeError(f"mlx-lm-lora harness failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_peer(python, spec)
 
 
 def zero_advantage_fraction(rewards, G: int) -> float:

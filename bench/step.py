@@ -52,6 +52,11 @@ def peer_steps(python: Path, model_path: Path, tokenizer, B, G, max_tokens, step
         "prompts": [{"tokens": p, "prompt": tokenizer.decode(p), "answer": a}
                     for p, a in zip(prompts, answers)],
     }
+    return run_peer(python, spec)
+
+
+def run_peer(python: Path, spec: dict) -> dict:
+    """bench/peer_mlx_lm_lora.py on `spec` in the peer's environment; its one JSON line."""
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(spec, f)
         f.flush()
